@@ -1,0 +1,38 @@
+"""Demo: synthetic faces (generated on first use), a small model at 64x64, CPU minutes.
+
+Run (what `make demo` does):
+  python -m faceage_jax.main --config configs/demo.py --workdir workdir/demo
+
+Same architecture and losses as the default config, scaled down: ngf/ndf 32,
+6 residual blocks, 64x64 images, global batch 4.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = default.get_config()
+
+    config.dataset = "synthetic"
+    config.data_dir = "workdir/tensorflow_datasets"
+    config.num_synthetic_faces = 2000
+    config.image_size = 64
+    config.load_size = 72  # 64 * 286 / 256, rounded.
+    config.shuffle_buffer = 500
+
+    config.ngf = 32
+    config.ndf = 32
+    config.n_res_blocks = 6
+
+    config.batch_size = 4
+    config.num_epochs = 1
+    config.num_decay_epochs = 1
+    config.num_train_steps = 400
+
+    config.log_every_steps = 20
+    config.sample_every_steps = 100
+    config.checkpoint_every_steps = 100
+    config.keep_checkpoints_every_steps = 0
+    return config
