@@ -1,0 +1,376 @@
+"""Orbax checkpoints of the train state and the data iterator, for an exact resume.
+
+One `CheckpointManager` writes, asynchronously, one checkpoint per saved step
+under `workdir/checkpoints/` (a local or gs:// path). Each checkpoint is an
+`ocp.args.Composite` of two items that other tools read by name: `state`, the
+train state pytree (sharded or replicated `jax.Array`s, typed PRNG keys
+included), and `data`, the position of every process's data iterator.
+
+Layout on disk::
+
+    workdir/checkpoints/
+      2000/                         One complete checkpoint per kept step.
+        _CHECKPOINT_METADATA        Orbax: item names and handlers, save time.
+        commit_success.txt          Written last: the checkpoint is complete.
+        state/                      Item `state` (TensorStore OCDBT: one zarr array
+          _METADATA, _sharding,     per leaf). Arrays come back with the shardings
+          manifest.ocdbt, d/, ...   of the abstract state given to the restore.
+        data/                       Item `data` (`DataIteratorHandler`):
+          process_0/                what process 0's iterator wrote with `save`,
+          process_1/ ...            one directory per process (host).
+      4000.orbax-checkpoint-tmp/    A save in progress, or cut short by a crash:
+                                    never read; a new manager deletes it.
+      3000.unreadable-<time>/       A checkpoint that failed to restore, moved
+                                    aside when an older one was restored instead.
+
+A save writes into the temporary directory and renames it to the step when
+every process has finished (on GCS, which cannot rename, the step directory
+is complete once `commit_success.txt` exists), so a complete checkpoint is
+never replaced by a partial one.
+
+Saves follow Orbax's default policy: every `config.checkpoint_every_steps`
+steps, the first step of a run that has no checkpoint, and a preemption.
+The newest `config.keep_checkpoints` are kept, plus every
+`config.keep_checkpoints_every_steps`-th step (0: none).
+
+Preemption: with several processes, `jax.distributed` catches SIGTERM and its
+preemption sync manager picks the step at which all hosts save (Orbax's
+`reached_preemption`). A single process has no such manager, so
+`install_preemption_handler` installs a SIGTERM handler that only records the
+request; `preemption_requested` reports either. The loop then saves with
+`force=True`, waits for the save and exits.
+"""
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+CHECKPOINTS_SUBDIR = "checkpoints"
+
+PyTree = Any
+
+# Set by the SIGTERM handler of a single-process run; read between steps.
+_sigterm_received = threading.Event()
+
+
+class CheckpointableIterator(Protocol):
+    """A data iterator whose position can be written to and read from a directory.
+
+    `directory` is a path string (local or gs://, open it with etils.epath). It
+    is a temporary directory that is renamed once the checkpoint is complete, so
+    what is written there must not record its own absolute path.
+    """
+
+    def save(self, directory: str) -> None: ...
+
+    def restore(self, directory: str) -> None: ...
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Saves each process's data iterator in `process_<index>/` of the item directory.
+
+    Every host reads its own shard of the data, so every host has its own
+    iterator position to save and to restore. The save is synchronous: the
+    position is captured at the step being checkpointed.
+    """
+
+    def save(self, directory: epath.Path, args: "DataIteratorSave") -> None:
+        process_directory = _process_directory(directory)
+        process_directory.mkdir(parents=True, exist_ok=True)
+        args.iterator.save(os.fspath(process_directory))
+
+    def restore(
+        self, directory: epath.Path, args: "DataIteratorRestore | None" = None
+    ) -> CheckpointableIterator:
+        if args is None:
+            raise ValueError(
+                "Restoring the data item needs the iterator to restore into: pass "
+                "DataIteratorRestore(iterator)."
+            )
+        process_directory = _process_directory(directory)
+        if not process_directory.exists():
+            found = sorted(path.name for path in directory.iterdir()) if directory.exists() else []
+            raise FileNotFoundError(
+                f"No data iterator state for process {jax.process_index()} in {directory} "
+                f"(found: {found or 'nothing'}). Resume with as many processes as the run "
+                "that wrote the checkpoint."
+            )
+        args.iterator.restore(os.fspath(process_directory))
+        return args.iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    """Save args of the `data` item: the iterator whose position is written."""
+
+    iterator: CheckpointableIterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    """Restore args of the `data` item: the iterator moved to the saved position."""
+
+    iterator: CheckpointableIterator
+
+
+def _process_directory(item_directory: epath.Path) -> epath.Path:
+    return epath.Path(item_directory) / f"process_{jax.process_index()}"
+
+
+class UnreadableCheckpointsError(RuntimeError):
+    """Raised when checkpoints exist but none of them can be restored."""
+
+
+def create_checkpoint_manager(
+    workdir: str | os.PathLike, config: ml_collections.ConfigDict
+) -> ocp.CheckpointManager:
+    """Returns an asynchronous manager of `workdir/checkpoints/` with the config's policies."""
+    _check_checkpoint_config(config)
+    preservation_policies = [ocp.checkpoint_managers.LatestN(n=config.keep_checkpoints)]
+    if config.keep_checkpoints_every_steps:
+        preservation_policies.append(
+            ocp.checkpoint_managers.EveryNSteps(interval_steps=config.keep_checkpoints_every_steps)
+        )
+    options = ocp.CheckpointManagerOptions(
+        # Only the interval is set, so Orbax's default save-decision policy stays in
+        # force: the interval, the first step of a fresh run, and preemptions.
+        save_interval_steps=config.checkpoint_every_steps,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(preservation_policies),
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(
+        epath.Path(workdir) / CHECKPOINTS_SUBDIR,
+        item_handlers={
+            STATE_ITEM: ocp.StandardCheckpointHandler(),
+            DATA_ITEM: DataIteratorHandler(),
+        },
+        options=options,
+    )
+
+
+def _check_checkpoint_config(config: ml_collections.ConfigDict) -> None:
+    if config.checkpoint_every_steps < 1:
+        raise ValueError(
+            f"config.checkpoint_every_steps={config.checkpoint_every_steps}: it must be at least "
+            "1 (the number of steps between checkpoints)."
+        )
+    if config.keep_checkpoints < 1:
+        raise ValueError(
+            f"config.keep_checkpoints={config.keep_checkpoints}: at least the newest checkpoint "
+            "must be kept for training to resume; set it to 1 or more."
+        )
+    if config.keep_checkpoints_every_steps < 0:
+        raise ValueError(
+            f"config.keep_checkpoints_every_steps={config.keep_checkpoints_every_steps}: use a "
+            "positive number of steps, or 0 to keep only the newest checkpoints."
+        )
+
+
+def restore_or_initialize(
+    manager: ocp.CheckpointManager,
+    abstract_state: PyTree,
+    init_fn: Callable[[], PyTree],
+    data_iterator: CheckpointableIterator,
+) -> tuple[PyTree, CheckpointableIterator, int | None]:
+    """Restores the newest readable checkpoint, or calls `init_fn` if there is none.
+
+    `abstract_state` is the state's structure with `jax.ShapeDtypeStruct` leaves
+    that carry the target shardings (`jax.eval_shape` of a jitted init with
+    `out_shardings` gives it); restored arrays get those shardings. The data
+    iterator is moved to the saved position in place. Returns the state, the
+    iterator and the restored step (None when initialized).
+
+    A checkpoint that cannot be read is skipped with a warning that names it, and
+    the one before is tried; if an older one is restored, the unreadable newer ones
+    are moved aside so that this run can save those steps again. If none can be
+    read, raises `UnreadableCheckpointsError`.
+    """
+    _check_abstract_state(abstract_state)
+    unreadable_steps = []
+    failures = []
+    last_error = None
+    for step in sorted(manager.all_steps(), reverse=True):
+        error = None
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                        DATA_ITEM: DataIteratorRestore(data_iterator),
+                    }
+                ),
+            )
+        except Exception as caught:  # Whatever the cause, this checkpoint cannot be used.
+            error = caught
+        if not _true_on_all_processes(error is None):
+            cause = _describe(error) if error else "unreadable on another process"
+            failure = f"step {step} at {_step_path(manager, step)} ({cause})"
+            logging.warning("Cannot read the checkpoint of %s; trying the one before.", failure)
+            unreadable_steps.append(step)
+            failures.append(failure)
+            last_error = error or last_error
+            continue
+        _move_aside(manager, unreadable_steps)
+        state = restored[STATE_ITEM]
+        logging.info(
+            "Restored the checkpoint of step %d from %s: items %r (%d arrays) and %r "
+            "(data iterator of process %d).",
+            step,
+            _step_path(manager, step),
+            STATE_ITEM,
+            len(jax.tree.leaves(state)),
+            DATA_ITEM,
+            jax.process_index(),
+        )
+        return state, data_iterator, step
+    if failures:
+        raise UnreadableCheckpointsError(
+            f"None of the {len(failures)} checkpoints in {manager.directory} can be read:\n  "
+            + "\n  ".join(failures)
+            + "\nCheck that the model config and the number of processes match the run that "
+            "wrote them, or move the directory away to train from scratch."
+        ) from last_error
+    logging.info("No checkpoint in %s: initializing a new train state.", manager.directory)
+    return init_fn(), data_iterator, None
+
+
+def _true_on_all_processes(value: bool) -> bool:
+    """All processes must resume from the same step, even if only one failed to read it."""
+    if jax.process_count() == 1:
+        return value
+    return bool(np.all(multihost_utils.process_allgather(np.array(value))))
+
+
+def _describe(error: Exception, max_chars: int = 400) -> str:
+    """The error's type and message, cut short: TensorStore appends kilobytes of specs."""
+    message = f"{type(error).__name__}: {error}"
+    return message if len(message) <= max_chars else message[:max_chars] + " ..."
+
+
+def _check_abstract_state(abstract_state: PyTree) -> None:
+    unsharded = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None
+    ]
+    if unsharded:
+        raise ValueError(
+            f"abstract_state leaves without a sharding: {', '.join(unsharded[:5])}"
+            f"{' ...' if len(unsharded) > 5 else ''}. Restoring needs the target sharding of "
+            "every array: build the abstract state with jax.eval_shape of the jitted init "
+            "function that has out_shardings."
+        )
+
+
+def _step_path(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    # The manager uses Orbax's default step names: the step number itself.
+    return manager.directory / str(step)
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Renames unreadable checkpoints to `<step>.unreadable-<time>`, which Orbax ignores.
+
+    Left in place, the newest of them would stay the manager's latest step, and
+    Orbax saves no step at or below the latest one.
+    """
+    if not steps:
+        return
+    if jax.process_index() == 0:
+        suffix = time.strftime("%Y%m%d-%H%M%S")
+        for step in steps:
+            set_aside = manager.directory / f"{step}.unreadable-{suffix}"
+            _step_path(manager, step).rename(set_aside)
+            logging.warning(
+                "Moved the unreadable checkpoint of step %d to %s; it will not be used.",
+                step,
+                set_aside,
+            )
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("faceage_jax.checkpointing.move_aside")
+    manager.reload()
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: PyTree,
+    data_iterator: CheckpointableIterator,
+    *,
+    force: bool = False,
+) -> bool:
+    """Starts saving `state` and the iterator position if the policy (or `force`) says so.
+
+    Call it at every step on every process: it is where Orbax checks whether the
+    hosts have reached the preemption step. After a SIGTERM caught by
+    `install_preemption_handler`, every step is saved. The arrays are written in
+    the background; the iterator is saved before this returns. Returns whether a
+    save was started; a step already saved is not saved again.
+    """
+    if step in manager.all_steps():
+        return False
+    # On a single process, Orbax cannot see a SIGTERM: force the save it would do itself.
+    force = force or _sigterm_received.is_set()
+    return manager.save(
+        step,
+        args=ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                DATA_ITEM: DataIteratorSave(data_iterator),
+            }
+        ),
+        force=force,
+    )
+
+
+def install_preemption_handler() -> None:
+    """On a single process, makes SIGTERM request a checkpoint instead of killing the process.
+
+    Call it from the main thread before the training loop. With several
+    processes, nothing is installed: `jax.distributed` already handles SIGTERM
+    and makes all hosts agree on the step to save.
+    """
+    if jax.process_count() > 1:
+        logging.info("Preemption: relying on JAX's preemption sync manager across processes.")
+        return
+    _sigterm_received.clear()
+    signal.signal(signal.SIGTERM, _record_sigterm)
+    logging.info("Preemption: SIGTERM will save a checkpoint at the current step and stop.")
+
+
+def _record_sigterm(signum, frame) -> None:
+    del signum, frame  # Only the request matters; the loop acts on it between steps.
+    _sigterm_received.set()
+    # A second SIGTERM kills the process as usual, should the loop never get to stop.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def preemption_requested(manager: ocp.CheckpointManager, step: int) -> bool:
+    """Whether training must save `step` now (`save(..., force=True)`) and stop.
+
+    True after a SIGTERM caught by `install_preemption_handler`, or when all
+    hosts have reached the preemption step chosen by JAX.
+    """
+    requested = _sigterm_received.is_set() or manager.reached_preemption(step)
+    if requested:
+        logging.warning(
+            "Preemption requested: saving the checkpoint of step %d and stopping.", step
+        )
+    return requested

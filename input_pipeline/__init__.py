@@ -1,0 +1,1 @@
+"""UTKFace data: the TFDS builder, the tf.data pipeline and synthetic faces."""

@@ -1,0 +1,327 @@
+"""tf.data pipeline: UTKFace faces into host-local batches of young and old faces.
+
+Both datasets go through the `utk_face` TFDS builder: real UTKFace is built from
+`config.manual_dir`, synthetic faces are generated into a folder first. Training
+reads this process's share of the train split, filters it into two age domains,
+shuffles the still-encoded records (so a checkpoint of the iterator stays small),
+then decodes, jitters and batches each domain. Each domain repeats forever and
+the two are zipped, so training never runs out of either.
+"""
+
+import functools
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+
+from input_pipeline import synthetic, utkface
+
+DOMAINS = ("young", "old")
+SYNTHETIC_FACES_SEED = 0  # Synthetic faces do not change with the training seed.
+_CHECKPOINT_NAME = "data_iterator"
+
+
+def age_ranges(config) -> dict[str, tuple[int, int]]:
+    """Inclusive age range of each domain."""
+    return {
+        "young": (config.young_age_min, config.young_age_max),
+        "old": (config.old_age_min, config.old_age_max),
+    }
+
+
+def _default_data_dir() -> epath.Path:
+    return epath.Path(tfds.core.constants.get_default_data_dir())
+
+
+def prepare_dataset(config) -> tfds.core.DatasetBuilder:
+    """The `utk_face` builder for `config`, built on first use (real or synthetic faces)."""
+    builder_config = utkface.config_for_test_share(config.test_share)
+    if config.dataset == "utk_face":
+        builder = tfds.builder("utk_face", data_dir=config.data_dir or None, config=builder_config)
+        if not builder.is_prepared():
+            manual_dir = _manual_dir(config.manual_dir, builder.data_dir)
+            _build(builder, manual_dir)
+    elif config.dataset == "synthetic":
+        if config.num_synthetic_faces <= 0:
+            raise ValueError(
+                "dataset='synthetic' needs config.num_synthetic_faces > 0, "
+                f"got {config.num_synthetic_faces}"
+            )
+        root = epath.Path(config.data_dir or _default_data_dir())
+        root = root / f"synthetic_faces_{config.num_synthetic_faces}"
+        builder = tfds.builder("utk_face", data_dir=root, config=builder_config)
+        if not builder.is_prepared():
+            logging.info("Writing %d synthetic faces to %s", config.num_synthetic_faces, root)
+            faces_dir = root / "manual" / utkface.FOLDER_NAME
+            synthetic.write_faces(faces_dir, config.num_synthetic_faces, SYNTHETIC_FACES_SEED)
+            _build(builder, faces_dir.parent)
+    else:
+        raise ValueError(
+            f"config.dataset must be 'utk_face' or 'synthetic', got {config.dataset!r}"
+        )
+    return builder
+
+
+def _manual_dir(manual_dir: str, data_dir: epath.Path) -> epath.Path:
+    """The folder holding UTKFace.tar.gz or the faces, from `config.manual_dir`."""
+    how = (
+        f"Download {utkface.ARCHIVE_NAME} ('Aligned&Cropped Faces') from {utkface.HOMEPAGE} "
+        f"and pass --config.manual_dir=/path/to/{utkface.ARCHIVE_NAME} (or its extracted folder)."
+    )
+    if not manual_dir:
+        raise ValueError(
+            f"UTKFace is not built in {data_dir} and config.manual_dir is empty. {how}"
+        )
+    path = epath.Path(manual_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"config.manual_dir {path} does not exist. {how}")
+    if path.is_dir():
+        return path
+    if path.name != utkface.ARCHIVE_NAME:
+        raise ValueError(
+            f"config.manual_dir {path} is a file but not {utkface.ARCHIVE_NAME}: rename it, "
+            f"or pass the folder of extracted faces. {how}"
+        )
+    return path.parent
+
+
+def _build(builder: tfds.core.DatasetBuilder, manual_dir: epath.Path) -> None:
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    builder.download_and_prepare(download_config=download_config)
+
+
+def read_faces(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+    """Records of `split` in stored order, the image still JPEG bytes."""
+    return builder.as_dataset(
+        split=split,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        shuffle_files=False,
+        # A cache would put the whole dataset into the iterator checkpoint.
+        read_config=tfds.ReadConfig(try_autocache=False),
+    )
+
+
+def select_ages(records: tf.data.Dataset, age_range: tuple[int, int]) -> tf.data.Dataset:
+    """Records whose age lies in the inclusive `age_range`."""
+    low, high = age_range
+    return records.filter(lambda record: (record["age"] >= low) & (record["age"] <= high))
+
+
+def count_domain_faces(builder: tfds.core.DatasetBuilder, split: str, config) -> dict[str, int]:
+    """Faces of each domain in `split`, and `all` faces; reads the ages only."""
+    ages_only = read_faces(builder, split).map(lambda record: record["age"])
+    batches = list(ages_only.batch(4096).as_numpy_iterator())
+    ages = np.concatenate(batches) if batches else np.zeros([0], np.int32)
+    counts = {
+        domain: int(np.count_nonzero((ages >= low) & (ages <= high)))
+        for domain, (low, high) in age_ranges(config).items()
+    }
+    return counts | {"all": len(ages)}
+
+
+def _check_domains(counts: dict[str, int], config, where: str) -> None:
+    empty = [domain for domain in DOMAINS if counts[domain] == 0]
+    if empty:
+        ranges = ", ".join(f"{d} {low}-{high}" for d, (low, high) in age_ranges(config).items())
+        found = ", ".join(f"{domain} {counts[domain]}" for domain in DOMAINS)
+        raise ValueError(
+            f"The {' and '.join(empty)} domain is empty in {where} (ages {ranges}): found "
+            f"{found} among {counts['all']} faces. Widen config.young_age_min/max or "
+            "config.old_age_min/max, or use more faces."
+        )
+
+
+def steps_per_epoch(config) -> int:
+    """Steps that show every face of the larger domain once: its size / global batch."""
+    counts = count_domain_faces(prepare_dataset(config), "train", config)
+    _check_domains(counts, config, "the train split")
+    return max(1, max(counts[domain] for domain in DOMAINS) // config.batch_size)
+
+
+def _process_defaults(process_index, process_count) -> tuple[int, int]:
+    """jax's process index and count where the caller gives none."""
+    if process_index is None or process_count is None:
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return process_index, process_count
+
+
+def _host_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"config.batch_size {global_batch_size} is global and must divide evenly "
+            f"over {process_count} processes"
+        )
+    return global_batch_size // process_count
+
+
+def _to_unit_range(image: tf.Tensor) -> tf.Tensor:
+    """[0, 255] pixels to float32 in [-1, 1]."""
+    return tf.clip_by_value(tf.cast(image, tf.float32) / 127.5 - 1.0, -1.0, 1.0)
+
+
+def jitter(image: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
+    """The reference's training jitter: resize to load_size, random crop, random flip.
+
+    Args:
+      image: [H, W, 3] uint8.
+      seed: [2] int64, a stateless seed: the same seed gives the same crop and flip.
+      config: gives load_size and image_size.
+
+    Returns:
+      [image_size, image_size, 3] float32 in [0, 255].
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = tf.image.resize(image, [config.load_size] * 2, antialias=True)
+    image = tf.image.stateless_random_crop(image, [config.image_size] * 2 + [3], seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def _train_image(seed: tf.Tensor, config, index: tf.Tensor, record: dict) -> tf.Tensor:
+    image = tf.io.decode_jpeg(record["image"], channels=3)
+    seed = tf.random.experimental.stateless_fold_in(seed, index)
+    return _to_unit_range(jitter(image, seed, config))
+
+
+def _eval_image(image_size: int, record: dict) -> dict:
+    image = tf.io.decode_jpeg(record["image"], channels=3)
+    image = tf.image.resize(image, [image_size] * 2, antialias=True)
+    return {"image": _to_unit_range(image), "age": record["age"], "file_name": record["file_name"]}
+
+
+def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    # Checkpoints keep the shuffle buffers of encoded records but not the decoded
+    # images in flight, which are recomputed on restore.
+    options.experimental_symbolic_checkpoint = True
+    return dataset.with_options(options)
+
+
+def train_split(process_index: int, process_count: int) -> str:
+    """This process's equal, disjoint share of the train split (the remainder is dropped)."""
+    return tfds.split_for_jax_process(
+        "train", process_index=process_index, process_count=process_count, drop_remainder=True
+    )
+
+
+def create_train_dataset(config, *, process_index=None, process_count=None) -> tf.data.Dataset:
+    """Endless host-local batches {'young': [B, H, W, 3], 'old': [B, H, W, 3]} in [-1, 1]."""
+    process_index, process_count = _process_defaults(process_index, process_count)
+    host_batch_size = _host_batch_size(config.batch_size, process_count)
+    builder = prepare_dataset(config)
+    split = train_split(process_index, process_count)
+    counts = count_domain_faces(builder, split, config)
+    _check_domains(counts, config, f"the train split of process {process_index}/{process_count}")
+    domains = {}
+    for domain_index, (domain, age_range) in enumerate(age_ranges(config).items()):
+        records = select_ages(read_faces(builder, split), age_range)
+        records = records.shuffle(
+            config.shuffle_buffer, seed=config.seed * len(DOMAINS) + domain_index
+        ).repeat()  # Reshuffled every epoch of this domain.
+        jitter_seed = tf.constant([config.seed, domain_index], tf.int64)
+        images = records.enumerate().map(
+            functools.partial(_train_image, jitter_seed, config),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        domains[domain] = images.batch(host_batch_size, drop_remainder=True)
+    return _deterministic(tf.data.Dataset.zip(domains).prefetch(tf.data.AUTOTUNE))
+
+
+class TrainIterator:
+    """Iterator over host-local numpy batches whose position can be saved and restored.
+
+    The state is that of the tf.data iterator (shuffle buffers of encoded records,
+    counters), written with tf.train.Checkpoint to a local or gs:// directory.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset):
+        self._iterator = iter(dataset)
+        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return {domain: images.numpy() for domain, images in next(self._iterator).items()}
+
+    def save(self, directory: epath.PathLike) -> None:
+        """Writes the iterator position into `directory` (created if missing)."""
+        directory = epath.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._checkpoint.write(str(directory / _CHECKPOINT_NAME))
+
+    def restore(self, directory: epath.PathLike) -> None:
+        """Moves the iterator to the position saved in `directory`."""
+        prefix = epath.Path(directory) / _CHECKPOINT_NAME
+        if not prefix.with_name(f"{_CHECKPOINT_NAME}.index").exists():
+            raise FileNotFoundError(
+                f"No data iterator checkpoint in {directory}: expected {prefix}.index, "
+                "written by TrainIterator.save."
+            )
+        self._checkpoint.read(str(prefix)).assert_consumed()
+
+
+def create_train_iterator(config, *, process_index=None, process_count=None) -> TrainIterator:
+    """The training batches of this process; defaults to jax's process index and count."""
+    return TrainIterator(
+        create_train_dataset(config, process_index=process_index, process_count=process_count)
+    )
+
+
+def create_eval_dataset(
+    config,
+    domain: str,
+    *,
+    batch_size: int | None = None,
+    process_index=None,
+    process_count=None,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """Held-out faces of one domain, in stored order, resized to image_size, no jitter.
+
+    Yields {'image': [B, H, W, 3] float32 in [-1, 1], 'age': [B], 'file_name': [B]};
+    B is the global `batch_size` (default config.batch_size) over the process count.
+    """
+    process_index, process_count = _process_defaults(process_index, process_count)
+    host_batch_size = _host_batch_size(batch_size or config.batch_size, process_count)
+    split = tfds.split_for_jax_process(
+        "test", process_index=process_index, process_count=process_count
+    )
+    records = select_ages(read_faces(prepare_dataset(config), split), age_ranges(config)[domain])
+    images = records.map(
+        functools.partial(_eval_image, config.image_size), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    batches = images.batch(host_batch_size, drop_remainder=drop_remainder)
+    return _deterministic(batches.prefetch(tf.data.AUTOTUNE))
+
+
+def load_sample_faces(config, num_faces: int | None = None) -> dict[str, np.ndarray]:
+    """The first `num_faces` held-out faces of each domain: {'young': [N, H, W, 3], 'old': ...}.
+
+    The same faces on every process and in every run, for sample grids. Fewer than
+    N when the test split holds fewer (a warning says so); an error when none.
+    """
+    num_faces = num_faces or config.num_sample_faces
+    faces = {}
+    for domain in DOMAINS:
+        dataset = create_eval_dataset(
+            config, domain, batch_size=num_faces, process_index=0, process_count=1
+        )
+        batch = next(iter(dataset.take(1)), None)
+        if batch is None:
+            counts = count_domain_faces(prepare_dataset(config), "test", config)
+            _check_domains(counts, config, "the test split")
+        faces[domain] = batch["image"].numpy()
+        if len(faces[domain]) < num_faces:
+            logging.warning(
+                "Only %d held-out %s faces, fewer than the %d asked for.",
+                len(faces[domain]),
+                domain,
+                num_faces,
+            )
+    return faces
