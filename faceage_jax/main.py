@@ -4,31 +4,74 @@ This file is intentionally kept short; the logic is in libraries that can be
 tested and imported.
 """
 
+import logging as std_logging
+import os
+
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
-from clu import parameter_overview
 from ml_collections import config_flags
 
-from faceage_jax import models
-
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (or gs://).")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed(config) -> None:
+    """Joins a multi-process job before any device is touched, when one is configured.
+
+    Explicit: config.coordinator_address (+ num_processes, process_id), or the
+    JAX_COORDINATOR_ADDRESS environment (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+    Detected: a multi-host Cloud TPU VM (TPU_WORKER_HOSTNAMES lists several hosts).
+    """
+    address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if address:
+        num_processes = config.num_processes
+        if num_processes < 0:
+            num_processes = int(os.environ.get("JAX_NUM_PROCESSES", "-1"))
+        process_id = config.process_id
+        if process_id < 0:
+            process_id = int(os.environ.get("JAX_PROCESS_ID", "-1"))
+        if num_processes < 1 or process_id < 0:
+            raise app.UsageError(
+                f"Coordinator {address} given, but not the process count and id: set "
+                "--config.num_processes and --config.process_id (or JAX_NUM_PROCESSES and "
+                "JAX_PROCESS_ID)."
+            )
+        jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()  # Cloud TPU pod slice: JAX finds its peers.
+
+
+class LibraryInfoFilter(std_logging.Filter):
+    """Keeps the console readable: other libraries' INFO lines are dropped, warnings kept."""
+
+    OWN = ("faceage_jax", "input_pipeline", "clu")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or any(
+            f"{os.sep}{name}{os.sep}" in record.pathname for name in self.OWN
+        )
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(LibraryInfoFilter())
     config = FLAGS.config
-    images = jnp.zeros((1, config.image_size, config.image_size, 3))
-    for name, module in [
-        ("generator", models.create_generator(config)),
-        ("discriminator", models.create_discriminator(config)),
-    ]:
-        params = module.init(jax.random.key(config.seed), images)
-        logging.info("%s:\n%s", name, parameter_overview.get_parameter_overview(params))
+    initialize_distributed(config)
+    # TensorFlow (input pipeline only) must not take accelerator memory from JAX.
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+
+    from faceage_jax import train
+
+    logging.info(
+        "Process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices()
+    )
+    train.train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,30 @@ are the two generators; the `young` discriminator tells real young faces from
 """
 
 import functools
+import time
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
 
-from faceage_jax import image_pool, losses, models, parallel
+from faceage_jax import (
+    checkpointing,
+    config_validation,
+    image_pool,
+    losses,
+    models,
+    parallel,
+    samples,
+)
+from input_pipeline import pipeline
 
 GENERATORS = ("young_to_old", "old_to_young")
 DOMAINS = ("young", "old")
@@ -269,3 +284,156 @@ def create_step_functions(
         abstract_state=abstract_state,
         learning_rate_fn=learning_rate_fn,
     )
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> int:
+    """Builds the dataset on first use (process 0 first) and returns the steps per epoch."""
+    if jax.process_index() == 0:
+        pipeline.prepare_dataset(config)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("faceage_jax.prepare_data")
+    return pipeline.steps_per_epoch(config)
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    if config.num_train_steps > 0:
+        return config.num_train_steps
+    return (config.num_epochs + config.num_decay_epochs) * steps_per_epoch
+
+
+def enable_compilation_cache(workdir: epath.Path) -> None:
+    """Persistent XLA cache, so that a restarted run does not compile from scratch.
+
+    In `workdir/compilation_cache`, unless one is set already (for example by
+    JAX_COMPILATION_CACHE_DIR, to share it between runs).
+    """
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "compilation_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or Inf; the run stops without saving the bad state."""
+
+
+def check_finite(pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
+    """Raises NonFiniteLossError naming the first step and loss that are not finite."""
+    for step, metrics in pending:
+        if float(metrics["nonfinite_loss"]):
+            values = jax.device_get(metrics)
+            bad = sorted(name for name, value in values.items() if not np.isfinite(value))
+            raise NonFiniteLossError(
+                f"Step {step}: loss {', '.join(bad)} is not finite "
+                f"({ {name: float(values[name]) for name in bad} }). Stopping; the last "
+                "checkpoint before it is kept. Try a lower --config.learning_rate, or "
+                "float32 if you train in bfloat16."
+            )
+
+
+def mean_metrics(pending: list[tuple[int, dict[str, jax.Array]]]) -> dict[str, float]:
+    values = jax.device_get([metrics for _, metrics in pending])
+    return {
+        name: float(np.mean([v[name] for v in values]))
+        for name in values[0]
+        if name != "nonfinite_loss"
+    }
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, train_iterator=None
+) -> TrainState:
+    """Trains (resuming from `workdir/checkpoints` if any) and returns the final state.
+
+    `train_iterator` replaces the tf.data pipeline: an iterator of host-local
+    batches {'young', 'old'} with `save(dir)`/`restore(dir)`, for custom data.
+    Writes TensorBoard summaries and sample grids into `workdir` (process 0 only).
+    """
+    config_validation.validate(config)
+    parallel.check_batch_divides(config.batch_size, jax.device_count())
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    enable_compilation_cache(workdir)
+
+    steps_per_epoch = prepare_data(config)
+    num_train_steps = total_steps(config, steps_per_epoch)
+    mesh = parallel.create_mesh()
+    functions = create_step_functions(config, mesh, steps_per_epoch)
+    if train_iterator is None:
+        train_iterator = pipeline.create_train_iterator(config)
+    manager = checkpointing.create_checkpoint_manager(workdir, config)
+    state, train_iterator, restored_step = checkpointing.restore_or_initialize(
+        manager,
+        functions.abstract_state,
+        lambda: functions.init(jax.random.key(config.seed)),
+        train_iterator,
+    )
+    checkpointing.install_preemption_handler()
+
+    is_writer = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
+    if restored_step is None:
+        writer.write_hparams(dict(config.items()))
+        for name, params in {**state.generator_params, **state.discriminator_params}.items():
+            logging.info("%s:\n%s", name, parameter_overview.get_parameter_overview(params))
+    logging.info(
+        "Training %d steps (%d per epoch), global batch %d on %d devices of %d processes.",
+        num_train_steps,
+        steps_per_epoch,
+        config.batch_size,
+        jax.device_count(),
+        jax.process_count(),
+    )
+    sample_faces = pipeline.load_sample_faces(config)
+    sampler = samples.create_sampler(config)
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=num_train_steps,
+        writer=writer,
+        every_steps=config.log_every_steps,
+        every_secs=None,
+    )
+
+    step = int(jax.device_get(state.step))
+    pending = []  # (step, metrics) not yet checked and logged.
+    last_log_time = time.monotonic()
+    try:
+        while step < num_train_steps:
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = parallel.global_batch(mesh, next(train_iterator))
+                state, metrics = functions.step(state, batch)
+            step += 1
+            pending.append((step, metrics))
+
+            preempted = checkpointing.preemption_requested(manager, step)
+            must_save = preempted or step == num_train_steps or manager.should_save(step)
+            if must_save or step % config.log_every_steps == 0:
+                check_finite(pending)  # Before any save: a bad state is never checkpointed.
+                summary = mean_metrics(pending)
+                now = time.monotonic()
+                summary["images_per_second"] = (
+                    len(pending) * config.batch_size / (now - last_log_time)
+                )
+                writer.write_scalars(step, summary)
+                pending, last_log_time = [], now
+            # Every step, after the log's sync: its steps/s and ETA measure finished steps.
+            report_progress(step)
+            if must_save:
+                checkpointing.save(manager, step, state, train_iterator, force=True)
+            if step % config.sample_every_steps == 0 or step == num_train_steps:
+                write_samples(writer, workdir, step, sampler(state.generator_params, sample_faces))
+            if preempted:
+                logging.warning("Stopped at step %d after a preemption request.", step)
+                break
+    finally:
+        # Also when the run dies: saves under way complete, so the last good checkpoint stays.
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
+    return state
+
+
+def write_samples(writer, workdir: epath.Path, step: int, rows) -> None:
+    grid = samples.to_grid(jax.device_get(rows))
+    if jax.process_index() == 0:
+        writer.write_images(step, {"samples": grid[None]})
+        path = samples.write_png(workdir / "samples", step, grid)
+        logging.info("Wrote sample grid %s", path)

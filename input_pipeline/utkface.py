@@ -186,13 +186,6 @@ class UtkFace(tfds.core.GeneratorBasedBuilder):
         UtkFaceConfig(name="test_share_10", test_share=0.1, description=_describe(0.1))
     ]
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS's own lookup imports `importlib_resources`, which it does not declare
-        # on Python >= 3.9 (tensorflow/datasets#11212); the answer is this file anyway.
-        return epath.Path(__file__)
-
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description="UTKFace: over 20,000 faces aged 0 to 116, aligned and cropped.",
