@@ -10,6 +10,10 @@ from PIL import Image
 from faceage_jax import models
 
 
+# Grid rows, top to bottom. (jax returns dicts with sorted keys: order by this, not by them.)
+ROWS = ("young", "young_to_old", "young_cycle", "old", "old_to_young", "old_cycle")
+
+
 def translate(generator: models.ResnetGenerator, generator_params, faces):
     """{'young': [N,H,W,3], 'old': ...} -> rows of one grid, each [N, H, W, 3] in [-1, 1]."""
     aged = generator.apply(generator_params["young_to_old"], faces["young"])
@@ -34,7 +38,7 @@ def to_grid(rows: dict[str, np.ndarray]) -> np.ndarray:
 
     Row order: young, aged, young cycle, old, rejuvenated, old cycle.
     """
-    lines = [np.concatenate(list(np.asarray(row, np.float32)), axis=1) for row in rows.values()]
+    lines = [np.concatenate(list(np.asarray(rows[name], np.float32)), axis=1) for name in ROWS]
     grid = np.concatenate(lines, axis=0)
     return np.round((np.clip(grid, -1, 1) + 1) * 127.5).astype(np.uint8)
 
