@@ -84,7 +84,10 @@ def test_sharded_step_equals_single_device_step(num_devices, parallelism):
     for expected, actual in zip(
         jax.tree.leaves(single_grads), jax.tree.leaves(sharded_grads), strict=True
     ):
-        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6)
+        # Summation order differs with the device count: allow float32 rounding
+        # relative to the tensor's scale (a summed-not-averaged gradient is off by 2-4x).
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * scale)
     for name, value in single_metrics.items():
         np.testing.assert_allclose(sharded_metrics[name], value, rtol=1e-5, err_msg=name)
 
