@@ -1,6 +1,6 @@
 """Data parallelism with pmap semantics over all devices of all hosts.
 
-The training step is written per device (see `train.train_step`): it sees its
+The training step is written per device (see `cyclegan.train_step`): it sees its
 share of the batch, averages gradients and metrics with `lax.pmean` over the
 axis 'data', and owns one image pool per domain. It is launched either with
 `jax.jit(jax.shard_map(...))` over a 1-D mesh of every global device (the

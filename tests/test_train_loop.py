@@ -15,7 +15,7 @@ import pytest
 from etils import epath
 
 from configs import test as test_config
-from faceage_jax import config_validation, models, train
+from faceage_jax import config_validation, cyclegan, models, train
 from input_pipeline import pipeline, synthetic
 from tests.random_batches import RandomBatches
 
@@ -315,7 +315,7 @@ def test_short_run_on_synthetic_faces_learns_to_age(tmp_path, shared_dirs):
         }
 
     untrained = measure(
-        train.create_train_state(
+        cyclegan.create_train_state(
             config, jax.random.key(config.seed), optax.sgd(1.0), optax.sgd(1.0), num_devices=1
         ).generator_params
     )

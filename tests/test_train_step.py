@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import test as test_config
-from faceage_jax import models, parallel, train
+from faceage_jax import cyclegan, models, parallel
 
 STEPS_PER_EPOCH = 10
 
@@ -33,10 +33,10 @@ def make_batch(batch_size=4, image_size=32, seed=0):
 def build_step(config, num_devices, optimizer=None):
     """(init, step) over the first `num_devices` devices; `optimizer` replaces Adam."""
     mesh = parallel.create_mesh(jax.devices()[:num_devices])
-    learning_rate_fn = train.create_learning_rate_fn(config, STEPS_PER_EPOCH)
-    tx = optimizer or train.create_optimizer(config, learning_rate_fn)
+    learning_rate_fn = cyclegan.create_learning_rate_fn(config, STEPS_PER_EPOCH)
+    tx = optimizer or cyclegan.create_optimizer(config, learning_rate_fn)
     init = functools.partial(
-        train.create_train_state,
+        cyclegan.create_train_state,
         config,
         generator_tx=tx,
         discriminator_tx=tx,
@@ -44,7 +44,7 @@ def build_step(config, num_devices, optimizer=None):
     )
     abstract_state = jax.eval_shape(init, jax.random.key(0))
     per_device = functools.partial(
-        train.train_step,
+        cyclegan.train_step,
         config=config,
         generator_tx=tx,
         discriminator_tx=tx,
@@ -117,12 +117,12 @@ class CountedLauncher:
         config = make_config(parallelism=parallelism)
         self.traces = 0
         mesh = parallel.create_mesh()
-        learning_rate_fn = train.create_learning_rate_fn(config, STEPS_PER_EPOCH)
-        tx = train.create_optimizer(config, learning_rate_fn)
+        learning_rate_fn = cyclegan.create_learning_rate_fn(config, STEPS_PER_EPOCH)
+        tx = cyclegan.create_optimizer(config, learning_rate_fn)
 
         def counted_step(state, batch):
             self.traces += 1
-            return train.train_step(
+            return cyclegan.train_step(
                 state,
                 batch,
                 config=config,
@@ -132,7 +132,7 @@ class CountedLauncher:
             )
 
         init = functools.partial(
-            train.create_train_state, config, generator_tx=tx, discriminator_tx=tx, num_devices=4
+            cyclegan.create_train_state, config, generator_tx=tx, discriminator_tx=tx, num_devices=4
         )
         abstract_state = jax.eval_shape(init, jax.random.key(0))
         self.mesh = mesh
@@ -191,7 +191,7 @@ def zero_last_conv(module_params):
 def test_losses_of_zero_generators_and_discriminators_match_hand_formula():
     config = make_config()
     init = functools.partial(
-        train.create_train_state,
+        cyclegan.create_train_state,
         config,
         generator_tx=optax.sgd(1.0),
         discriminator_tx=optax.sgd(1.0),
@@ -205,7 +205,7 @@ def test_losses_of_zero_generators_and_discriminators_match_hand_formula():
     batch = make_batch()
     young, old = jnp.asarray(batch["young"]), jnp.asarray(batch["old"])
     generator_losses = functools.partial(
-        train.generator_losses,
+        cyclegan.generator_losses,
         generator=models.create_generator(config),
         discriminator=models.create_discriminator(config),
         config=config,
@@ -228,7 +228,7 @@ def test_losses_of_zero_generators_and_discriminators_match_hand_formula():
     assert float(metrics["generator/total"]) == pytest.approx(expected_total, rel=1e-6)
 
     discriminator_losses = functools.partial(
-        train.discriminator_losses, discriminator=models.create_discriminator(config)
+        cyclegan.discriminator_losses, discriminator=models.create_discriminator(config)
     )
     _, d_metrics = jax.jit(discriminator_losses)(
         discriminator_params,
@@ -248,7 +248,7 @@ def is_module(node):
 def generator_input_batches(config, batch_size=4):
     """Batch sizes the generators are called with while tracing the generator loss."""
     state = jax.eval_shape(
-        lambda: train.create_train_state(
+        lambda: cyclegan.create_train_state(
             config, jax.random.key(0), optax.sgd(1.0), optax.sgd(1.0), num_devices=1
         )
     )
@@ -261,7 +261,7 @@ def generator_input_batches(config, batch_size=4):
         return next_fun(*args, **kwargs)
 
     loss = functools.partial(
-        train.generator_losses,
+        cyclegan.generator_losses,
         generator=models.create_generator(config),
         discriminator=models.create_discriminator(config),
         config=config,
@@ -280,7 +280,7 @@ def test_identity_passes_run_only_when_lambda_identity_is_positive():
 
 def test_learning_rate_is_constant_then_decays_linearly_to_zero():
     config = make_config(learning_rate=2e-4, num_epochs=2, num_decay_epochs=2)
-    learning_rate_fn = train.create_learning_rate_fn(config, steps_per_epoch=10)
+    learning_rate_fn = cyclegan.create_learning_rate_fn(config, steps_per_epoch=10)
     # 20 constant steps, then 20 steps from 2e-4 down to 0.
     expected = {0: 2e-4, 19: 2e-4, 20: 2e-4, 25: 1.5e-4, 30: 1e-4, 35: 5e-5, 40: 0.0, 45: 0.0}
     for step, rate in expected.items():

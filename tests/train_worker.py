@@ -25,7 +25,7 @@ if num_processes > 1:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
 
 from configs import test as test_config  # noqa: E402
-from faceage_jax import models, train  # noqa: E402
+from faceage_jax import cyclegan, models, train  # noqa: E402
 from tests.random_batches import RandomBatches  # noqa: E402
 
 config = test_config.get_config()
@@ -42,8 +42,8 @@ params = jax.device_get({**state.generator_params, **state.discriminator_params}
 images = np.random.default_rng(123).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
 generator = models.create_generator(config)
 discriminator = models.create_discriminator(config)
-outputs = {name: generator.apply(params[name], images) for name in train.GENERATORS} | {
-    f"{name}_scores": discriminator.apply(params[name], images) for name in train.DOMAINS
+outputs = {name: generator.apply(params[name], images) for name in cyclegan.GENERATORS} | {
+    f"{name}_scores": discriminator.apply(params[name], images) for name in cyclegan.DOMAINS
 }
 if jax.process_index() == 0:
     flat = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree.leaves_with_path(params)}

@@ -1,0 +1,274 @@
+"""CycleGAN training state and the per-device update step.
+
+Needs only jax, flax and optax (no TensorFlow), so benchmarks and accelerator
+checks can import it on machines that carry just the accelerator stack.
+
+Domain A is young faces, domain B old faces. `young_to_old` and `old_to_young`
+are the two generators; the `young` discriminator tells real young faces from
+`old_to_young` outputs, the `old` one real old faces from `young_to_old` outputs.
+"""
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from faceage_jax import image_pool, losses, models, parallel
+
+GENERATORS = ("young_to_old", "old_to_young")
+DOMAINS = ("young", "old")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a training step reads and writes; also what a checkpoint holds.
+
+    `pools` leaves carry a leading device axis ([num_devices, pool_size, H, W, 3]
+    in the global view): every device owns its pools. `rng` is raw uint32 key
+    data so that it checkpoints like any array.
+    """
+
+    step: jax.Array
+    generator_params: dict[str, Any]  # {'young_to_old': ..., 'old_to_young': ...}
+    discriminator_params: dict[str, Any]  # {'young': ..., 'old': ...}
+    generator_opt_state: optax.OptState
+    discriminator_opt_state: optax.OptState
+    pools: dict[str, image_pool.ImagePool]  # {'young': fakes of young, 'old': fakes of old}
+    rng: jax.Array
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int):
+    """Constant for `num_epochs`, then linear decay to 0 over `num_decay_epochs` (in steps)."""
+    constant_steps = config.num_epochs * steps_per_epoch
+    decay_steps = config.num_decay_epochs * steps_per_epoch
+    return optax.join_schedules(
+        [
+            optax.constant_schedule(config.learning_rate),
+            optax.linear_schedule(config.learning_rate, 0.0, max(decay_steps, 1)),
+        ],
+        boundaries=[constant_steps],
+    )
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, learning_rate_fn
+) -> optax.GradientTransformation:
+    return optax.adam(learning_rate_fn, b1=config.adam_b1, b2=config.adam_b2)
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    rng: jax.Array,
+    generator_tx: optax.GradientTransformation,
+    discriminator_tx: optax.GradientTransformation,
+    num_devices: int,
+) -> TrainState:
+    """A fresh state; wrap in `jax.eval_shape` for the abstract state (restore, shardings)."""
+    image_shape = (config.image_size, config.image_size, 3)
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    generator = models.create_generator(config)
+    discriminator = models.create_discriminator(config)
+    rng, *keys = jax.random.split(rng, 5)
+    generator_params = {
+        name: generator.init(key, images) for name, key in zip(GENERATORS, keys[:2], strict=True)
+    }
+    discriminator_params = {
+        name: discriminator.init(key, images) for name, key in zip(DOMAINS, keys[2:], strict=True)
+    }
+    pool = image_pool.create(config.pool_size, image_shape)
+    pools = {name: jax.tree.map(lambda x: jnp.stack([x] * num_devices), pool) for name in DOMAINS}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        generator_params=generator_params,
+        discriminator_params=discriminator_params,
+        generator_opt_state=generator_tx.init(generator_params),
+        discriminator_opt_state=discriminator_tx.init(discriminator_params),
+        pools=pools,
+        rng=jax.random.key_data(rng),
+    )
+
+
+def generator_losses(
+    generator_params, discriminator_params, young, old, *, generator, discriminator, config
+):
+    """Generator objective with the discriminators held fixed.
+
+    Returns (total, (metrics, fake_old, fake_young)). Each generator runs once on
+    the concatenation of its translation input and, when the identity loss is
+    on, its identity input: instance norm is per image, so batching them is exact.
+    """
+    num = young.shape[0]
+    apply = generator.apply
+    use_identity = config.lambda_identity > 0
+    to_old_input = jnp.concatenate([young, old]) if use_identity else young
+    to_young_input = jnp.concatenate([old, young]) if use_identity else old
+    to_old_output = apply(generator_params["young_to_old"], to_old_input)
+    to_young_output = apply(generator_params["old_to_young"], to_young_input)
+    fake_old, fake_young = to_old_output[:num], to_young_output[:num]
+    reconstructed_young = apply(generator_params["old_to_young"], fake_old)
+    reconstructed_old = apply(generator_params["young_to_old"], fake_young)
+
+    metrics = {
+        "generator/adversarial_young_to_old": losses.least_squares(
+            discriminator.apply(discriminator_params["old"], fake_old), losses.REAL
+        ),
+        "generator/adversarial_old_to_young": losses.least_squares(
+            discriminator.apply(discriminator_params["young"], fake_young), losses.REAL
+        ),
+        "generator/cycle_young": config.lambda_cycle * losses.l1(reconstructed_young, young),
+        "generator/cycle_old": config.lambda_cycle * losses.l1(reconstructed_old, old),
+    }
+    if use_identity:
+        identity_weight = config.lambda_identity * config.lambda_cycle
+        metrics["generator/identity_old"] = identity_weight * losses.l1(to_old_output[num:], old)
+        metrics["generator/identity_young"] = identity_weight * losses.l1(
+            to_young_output[num:], young
+        )
+    total = sum(metrics.values())
+    metrics["generator/total"] = total
+    return total, (metrics, fake_old, fake_young)
+
+
+def discriminator_losses(discriminator_params, real, fake, *, discriminator):
+    """Discriminator objective; each network scores its real and fake images in one call."""
+    metrics = {}
+    for domain in DOMAINS:
+        num = real[domain].shape[0]
+        images = jnp.concatenate([real[domain], jax.lax.stop_gradient(fake[domain])])
+        scores = discriminator.apply(discriminator_params[domain], images)
+        metrics[f"discriminator/{domain}"] = losses.discriminator_loss(scores[:num], scores[num:])
+    total = sum(metrics.values())
+    metrics["discriminator/total"] = total
+    return total, metrics
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    config: ml_collections.ConfigDict,
+    generator_tx: optax.GradientTransformation,
+    discriminator_tx: optax.GradientTransformation,
+    learning_rate_fn,
+    axis_name: str = parallel.AXIS,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One CycleGAN update on this device's share of the batch (pmap semantics).
+
+    `batch`: {'young': [b, H, W, 3], 'old': [b, H, W, 3]} in [-1, 1]. Generators
+    are updated first with the discriminators fixed, then the discriminators on
+    the generators' fakes drawn through this device's image pools. Gradients
+    and metrics are averaged over `axis_name`.
+    """
+    generator = models.create_generator(config)
+    discriminator = models.create_discriminator(config)
+    young, old = batch["young"], batch["old"]
+
+    # Parameters arrive replicated (unvarying over the axis). Differentiating
+    # with respect to an unvarying value would sum the gradient over devices;
+    # marking them varying gives per-device gradients, averaged explicitly below.
+    generator_params, discriminator_params = jax.lax.pcast(
+        (state.generator_params, state.discriminator_params), axis_name, to="varying"
+    )
+
+    (_, (generator_metrics, fake_old, fake_young)), generator_grads = jax.value_and_grad(
+        generator_losses, has_aux=True
+    )(
+        generator_params,
+        discriminator_params,
+        young,
+        old,
+        generator=generator,
+        discriminator=discriminator,
+        config=config,
+    )
+    generator_grads = jax.lax.pmean(generator_grads, axis_name)
+    updates, generator_opt_state = generator_tx.update(
+        generator_grads, state.generator_opt_state, state.generator_params
+    )
+    new_generator_params = optax.apply_updates(state.generator_params, updates)
+
+    rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    device_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
+    young_pool_key, old_pool_key = jax.random.split(device_key)
+    young_pool, pooled_fake_young = image_pool.query(
+        state.pools["young"], fake_young, young_pool_key
+    )
+    old_pool, pooled_fake_old = image_pool.query(state.pools["old"], fake_old, old_pool_key)
+
+    (_, discriminator_metrics), discriminator_grads = jax.value_and_grad(
+        discriminator_losses, has_aux=True
+    )(
+        discriminator_params,
+        {"young": young, "old": old},
+        {"young": pooled_fake_young, "old": pooled_fake_old},
+        discriminator=discriminator,
+    )
+    discriminator_grads = jax.lax.pmean(discriminator_grads, axis_name)
+    updates, discriminator_opt_state = discriminator_tx.update(
+        discriminator_grads, state.discriminator_opt_state, state.discriminator_params
+    )
+    new_discriminator_params = optax.apply_updates(state.discriminator_params, updates)
+
+    metrics = jax.lax.pmean({**generator_metrics, **discriminator_metrics}, axis_name)
+    losses_finite = jnp.all(jnp.array([jnp.isfinite(v) for v in metrics.values()]))
+    metrics["nonfinite_loss"] = (~losses_finite).astype(jnp.float32)
+    metrics["learning_rate"] = learning_rate_fn(state.step)
+
+    new_state = state.replace(
+        step=state.step + 1,
+        generator_params=new_generator_params,
+        discriminator_params=new_discriminator_params,
+        generator_opt_state=generator_opt_state,
+        discriminator_opt_state=discriminator_opt_state,
+        pools={"young": young_pool, "old": old_pool},
+        rng=jax.random.key_data(rng),
+    )
+    return new_state, metrics
+
+
+class StepFunctions(flax.struct.PyTreeNode):
+    """What the loop needs to run steps: compiled init and step, and the schedule."""
+
+    init: Any = flax.struct.field(pytree_node=False)
+    step: Any = flax.struct.field(pytree_node=False)
+    abstract_state: Any = flax.struct.field(pytree_node=False)
+    learning_rate_fn: Any = flax.struct.field(pytree_node=False)
+
+
+def create_step_functions(
+    config: ml_collections.ConfigDict, mesh, steps_per_epoch: int
+) -> StepFunctions:
+    """Compiled `init(rng) -> state` and `step(state, batch) -> (state, metrics)` over `mesh`."""
+    learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+    generator_tx = create_optimizer(config, learning_rate_fn)
+    discriminator_tx = create_optimizer(config, learning_rate_fn)
+    init = functools.partial(
+        create_train_state,
+        config,
+        generator_tx=generator_tx,
+        discriminator_tx=discriminator_tx,
+        num_devices=mesh.devices.size,
+    )
+    abstract_state = jax.eval_shape(init, jax.random.key(0))
+    shardings = parallel.state_shardings(mesh, abstract_state)
+    abstract_state = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract_state,
+        shardings,
+    )
+    per_device_step = functools.partial(
+        train_step,
+        config=config,
+        generator_tx=generator_tx,
+        discriminator_tx=discriminator_tx,
+        learning_rate_fn=learning_rate_fn,
+    )
+    return StepFunctions(
+        init=jax.jit(init, out_shardings=shardings),
+        step=parallel.launch(per_device_step, mesh, abstract_state, config.parallelism),
+        abstract_state=abstract_state,
+        learning_rate_fn=learning_rate_fn,
+    )
