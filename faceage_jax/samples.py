@@ -9,7 +9,6 @@ from PIL import Image
 
 from faceage_jax import models
 
-
 # Grid rows, top to bottom. (jax returns dicts with sorted keys: order by this, not by them.)
 ROWS = ("young", "young_to_old", "young_cycle", "old", "old_to_young", "old_cycle")
 
