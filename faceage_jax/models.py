@@ -6,6 +6,13 @@ instance norm without learned affine parameters (eps 1e-5), conv biases kept,
 N(0, 0.02) kernels and zero biases. Parameters are float32; `dtype` sets the
 compute dtype of convolutions (bfloat16 on accelerators), while instance-norm
 statistics are always computed in float32.
+
+The generator's stride-2 transposed convolutions are computed as four small
+convolutions (`SubpixelConvTranspose`), not as `nn.ConvTranspose`'s convolution
+over a stride-dilated input, which XLA:CPU runs at a few percent of matmul
+speed (the whole step was 1.7x faster on an H200 too). Parameters (names,
+shapes, initialization) and results are `nn.ConvTranspose`'s; tests hold them
+equal.
 """
 
 import functools
@@ -14,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax.linen.dtypes import promote_dtype
+from jax import lax
 
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -23,6 +32,45 @@ PAD_1 = ((1, 1), (1, 1))
 # transposed convolution over the stride-dilated input: k - 1 - p before, plus
 # output_padding after, which exactly doubles the height and width.
 TRANSPOSE_PAD_3x3_S2 = ((1, 2), (1, 2))
+
+
+class SubpixelConvTranspose(nn.Module):
+    """`nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding=TRANSPOSE_PAD_3x3_S2)`.
+
+    `x: [B, H, W, C] -> [B, 2H, 2W, features]`, with that layer's parameters.
+    Computed as four small convolutions, one per output parity, instead of one
+    over the stride-dilated input (three quarters zeros): output (2m + a, 2n + b)
+    sees only inputs (m, n), (m, n + 1), (m + 1, n), (m + 1, n + 1). Along each
+    axis an even output takes kernel tap 1 at offset 0, an odd output taps 0 and
+    2 at offsets 0 and 1.
+    """
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel_shape = (3, 3, x.shape[-1], self.features)
+        kernel = self.param("kernel", KERNEL_INIT, kernel_shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+
+        def conv(inputs, taps):
+            return lax.conv_general_dilated(
+                inputs, taps, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+
+        batch, height, width, _ = x.shape
+        # A zero row and column past the end: the last odd outputs' missing neighbours.
+        padded = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        even_even = conv(x, kernel[1:2, 1:2])
+        even_odd = conv(padded[:, :height], kernel[1:2, 0::2])
+        odd_even = conv(padded[:, :, :width], kernel[0::2, 1:2])
+        odd_odd = conv(padded, kernel[0::2, 0::2])
+        even_rows = jnp.stack([even_even, even_odd], axis=3)  # [B, H, W, 2, F]
+        odd_rows = jnp.stack([odd_even, odd_odd], axis=3)
+        y = jnp.stack([even_rows, odd_rows], axis=2)  # [B, H, 2, W, 2, F]
+        return y.reshape(batch, 2 * height, 2 * width, self.features) + bias
 
 
 def reflection_pad(x: jax.Array, width: int) -> jax.Array:
@@ -78,15 +126,12 @@ class ResnetGenerator(nn.Module):
             x = nn.relu(norm()(x))
         for _ in range(self.n_res_blocks):
             x = ResidualBlock(dtype=self.dtype)(x)
-        for i in reversed(range(self.n_downsample)):
-            x = nn.ConvTranspose(
-                self.ngf * 2**i,
-                (3, 3),
-                strides=(2, 2),
-                padding=TRANSPOSE_PAD_3x3_S2,
-                kernel_init=KERNEL_INIT,
-                dtype=self.dtype,
-            )(x)
+        for n, i in enumerate(reversed(range(self.n_downsample))):
+            # Named as the nn.ConvTranspose it computes: same parameters, same checkpoints.
+            upsample = SubpixelConvTranspose(
+                self.ngf * 2**i, dtype=self.dtype, name=f"ConvTranspose_{n}"
+            )
+            x = upsample(x)
             x = nn.relu(norm()(x))
         x = conv(3, (7, 7), padding="VALID")(reflection_pad(x, 3))
         return jnp.tanh(x.astype(jnp.float32))

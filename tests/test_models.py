@@ -1,5 +1,7 @@
 """The CycleGAN networks match the reference architecture."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -158,3 +160,132 @@ def test_tiny_variant_runs_at_its_image_size():
     d_params = discriminator.init(jax.random.key(0), images)
     assert generator.apply(g_params, images).shape == images.shape
     assert discriminator.apply(d_params, images).shape == (1, 6, 6, 1)
+
+
+def perturbed(params, scale=0.1):
+    """`params` plus noise, so that zero-initialized biases take part in a comparison."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(99), len(leaves))
+    noisy = [
+        leaf + scale * jax.random.normal(key, leaf.shape)
+        for leaf, key in zip(leaves, keys, strict=True)
+    ]
+    return treedef.unflatten(noisy)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def value_and_gradients(module, params, inputs, cotangent):
+    """Output, and the gradients of <output, cotangent> for parameters and inputs."""
+    output, pullback = jax.vjp(module.apply, params, inputs)
+    param_grads, input_grads = pullback(cotangent)
+    return output, param_grads, input_grads
+
+
+def assert_equal_up_to_float32_rounding(actual, expected):
+    """Each of (output, parameter gradients, input gradients) within 1e-5 of its largest value.
+
+    Per tree, not per leaf: the gradients of conv biases that feed instance norm
+    are zero but for rounding noise, which has no scale of its own.
+    """
+    for actual_tree, expected_tree in zip(actual, expected, strict=True):
+        expected_leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(expected_tree)]
+        scale = max(np.abs(leaf).max() for leaf in expected_leaves)
+        for got, want in zip(jax.tree.leaves(actual_tree), expected_leaves, strict=True):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * scale)
+
+
+def flax_conv_transpose(features, dtype=jnp.float32):
+    """The straightforward layer that `SubpixelConvTranspose` computes."""
+    return nn.ConvTranspose(
+        features,
+        (3, 3),
+        strides=(2, 2),
+        padding=models.TRANSPOSE_PAD_3x3_S2,
+        kernel_init=models.KERNEL_INIT,
+        dtype=dtype,
+    )
+
+
+def test_subpixel_conv_transpose_has_the_parameters_of_flax_conv_transpose():
+    inputs = jnp.zeros((1, 5, 7, 6))
+    fast = models.SubpixelConvTranspose(4).init(jax.random.key(0), inputs)
+    straightforward = flax_conv_transpose(4).init(jax.random.key(0), inputs)
+    # Same names, shapes and initial values: checkpoints move between the two.
+    assert jax.tree.map(np.shape, fast) == {"params": {"kernel": (3, 3, 6, 4), "bias": (4,)}}
+    jax.tree.map(np.testing.assert_array_equal, fast, straightforward)
+
+
+def test_subpixel_conv_transpose_doubles_height_and_width():
+    outputs = jax.eval_shape(
+        models.SubpixelConvTranspose(4).init_with_output, jax.random.key(0), jnp.zeros((2, 5, 7, 6))
+    )[0]
+    assert outputs.shape == (2, 10, 14, 4)
+
+
+def test_subpixel_conv_transpose_equals_flax_conv_transpose_with_gradients():
+    # Odd, unequal height and width catch a parity or border mistake.
+    inputs = jax.random.normal(jax.random.key(1), (2, 5, 7, 6))
+    cotangent = jax.random.normal(jax.random.key(2), (2, 10, 14, 4))
+    straightforward = flax_conv_transpose(4)
+    params = perturbed(straightforward.init(jax.random.key(0), inputs))
+
+    expected = value_and_gradients(straightforward, params, inputs, cotangent)
+    actual = value_and_gradients(models.SubpixelConvTranspose(4), params, inputs, cotangent)
+    assert_equal_up_to_float32_rounding(actual, expected)
+
+
+def test_bfloat16_subpixel_conv_transpose_agrees_with_flax_conv_transpose():
+    inputs = jax.random.normal(jax.random.key(1), (2, 8, 8, 32))
+    params = perturbed(flax_conv_transpose(16).init(jax.random.key(0), inputs))
+    expected = flax_conv_transpose(16, jnp.bfloat16).apply(params, inputs)
+    actual = models.SubpixelConvTranspose(16, dtype=jnp.bfloat16).apply(params, inputs)
+    assert actual.dtype == expected.dtype == jnp.bfloat16
+    expected, actual = np.asarray(expected, np.float32), np.asarray(actual, np.float32)
+    # Both round the same bfloat16 products; only the summation order differs.
+    assert np.abs(actual - expected).max() < 0.02 * np.abs(expected).max()
+
+
+class StraightforwardGenerator(nn.Module):
+    """The ResNet generator written with Flax's own layers only: the specification."""
+
+    ngf: int
+    n_res_blocks: int
+
+    @nn.compact
+    def __call__(self, images):
+        def conv(features, kernel, **kwargs):
+            return nn.Conv(features, kernel, kernel_init=models.KERNEL_INIT, **kwargs)
+
+        def norm_relu(x):
+            return nn.relu(models.instance_norm(jnp.float32)(x))
+
+        x = norm_relu(conv(self.ngf, (7, 7), padding="VALID")(models.reflection_pad(images, 3)))
+        x = norm_relu(conv(2 * self.ngf, (3, 3), strides=(2, 2), padding=models.PAD_1)(x))
+        x = norm_relu(conv(4 * self.ngf, (3, 3), strides=(2, 2), padding=models.PAD_1)(x))
+        for _ in range(self.n_res_blocks):
+            x = models.ResidualBlock()(x)
+        x = norm_relu(flax_conv_transpose(2 * self.ngf)(x))
+        x = norm_relu(flax_conv_transpose(self.ngf)(x))
+        x = conv(3, (7, 7), padding="VALID")(models.reflection_pad(x, 3))
+        return jnp.tanh(x)
+
+
+def test_generator_has_the_parameters_of_the_straightforward_generator():
+    images = jnp.zeros((1, 32, 32, 3))
+    params = models.ResnetGenerator(ngf=8, n_res_blocks=2).init(jax.random.key(0), images)
+    reference = StraightforwardGenerator(ngf=8, n_res_blocks=2).init(jax.random.key(0), images)
+    assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, reference)
+    jax.tree.map(np.testing.assert_array_equal, params, reference)
+
+
+def test_generator_equals_the_straightforward_generator_with_gradients():
+    images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    cotangent = jax.random.normal(jax.random.key(2), images.shape)
+    reference = StraightforwardGenerator(ngf=4, n_res_blocks=1)
+    params = perturbed(reference.init(jax.random.key(0), images))
+
+    expected = value_and_gradients(reference, params, images, cotangent)
+    actual = value_and_gradients(
+        models.ResnetGenerator(ngf=4, n_res_blocks=1), params, images, cotangent
+    )
+    assert_equal_up_to_float32_rounding(actual, expected)

@@ -1,0 +1,301 @@
+"""Speed of the training step alone: random batches, no input pipeline.
+
+Run, from the repository root:
+  python -m faceage_jax.bench step --config configs/demo.py [--steps 10 --warmup 2]
+  python -m faceage_jax.bench gpu [--batch_sizes=1,8,32,64 --dtypes=float32,bfloat16]
+
+`step` prints images/s (a young+old pair counts as one image: images/s is the
+global batch over the seconds per step, as PyTorch's CycleGAN counts them),
+the median step time, compile time, XLA's FLOP count, the achieved GFLOP/s,
+peak RSS and the devices. `gpu` is the prepared accelerator table: the default
+config (or --config) at several batch sizes in float32 and bfloat16, with the
+model FLOP utilization against matrix-multiply peaks it measures itself.
+
+Needs only jax, flax, optax, absl and ml_collections (no TensorFlow), so it
+runs on machines that carry just the accelerator stack.
+"""
+
+import dataclasses
+import resource
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from faceage_jax import cyclegan, parallel
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Configuration file (`gpu` defaults to configs/default.py).", lock_config=True
+)
+flags.DEFINE_integer("steps", 5, "Timed steps (the median is reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64"], "`gpu`: global batch sizes to time.")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "`gpu`: compute dtypes to time.")
+flags.DEFINE_integer("matmul_size", 8192, "`gpu`: n of the n x n x n matmul that sets the peak.")
+
+COMMANDS = ("step", "gpu")
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """What one configuration's step costs; FLOPs are XLA's count over all devices."""
+
+    batch_size: int
+    seconds_per_step: float
+    cpu_seconds_per_step: float  # This process's CPU time: below cores x wall, others took some.
+    compile_seconds: float
+    flops_per_step: float
+    peak_rss_bytes: int
+    device_kind: str
+    num_devices: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch_size / self.seconds_per_step
+
+    @property
+    def gflop_per_image(self) -> float:
+        return self.flops_per_step / self.batch_size / 1e9
+
+    @property
+    def gflops_per_second(self) -> float:
+        return self.flops_per_step / self.seconds_per_step / 1e9
+
+
+def random_batch(config: ml_collections.ConfigDict, mesh, seed: int = 0) -> dict[str, jax.Array]:
+    """A global batch of uniform [-1, 1] young and old images, sharded on 'data'."""
+    rng = np.random.default_rng(seed)
+    shape = (config.batch_size, config.image_size, config.image_size, 3)
+    host_batch = {
+        domain: rng.uniform(-1, 1, shape).astype(np.float32) for domain in cyclegan.DOMAINS
+    }
+    return parallel.global_batch(mesh, host_batch)
+
+
+def xla_flops(stage) -> float:
+    """FLOPs of one run on one device from XLA's cost analysis of a lowered or compiled step."""
+    analysis = stage.cost_analysis()
+    # Older jaxlibs return one dict per device program.
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """One configuration's step, compiled over all devices, with its random batch."""
+
+    config: ml_collections.ConfigDict
+    functions: cyclegan.StepFunctions
+    executable: Any
+    batch: dict[str, jax.Array]
+    compile_seconds: float
+    flops_per_step: float
+
+
+def lower_step(config: ml_collections.ConfigDict, mesh) -> tuple:
+    """(config, step functions, random batch, lowered step): the tracing half of compiling."""
+    if config.parallelism != "shard_map":
+        raise app.UsageError(
+            f"the benchmark times the jitted shard_map step; got config.parallelism="
+            f"{config.parallelism!r}. Drop --config.parallelism or set it to 'shard_map'."
+        )
+    parallel.check_batch_divides(config.batch_size, mesh.devices.size)
+    functions = cyclegan.create_step_functions(config, mesh, steps_per_epoch=1)
+    batch = random_batch(config, mesh, config.seed)
+    return config, functions, batch, functions.step.lower(functions.abstract_state, batch)
+
+
+def compile_step(lowered_step: tuple, num_devices: int) -> CompiledStep:
+    """XLA compilation of a lowered step, timed, with its FLOP count over all devices.
+
+    The FLOPs are the larger of XLA's counts before and after optimization: on GPUs
+    the compiled count leaves out convolutions that became cuDNN calls.
+    """
+    config, functions, batch, lowered = lowered_step
+    start = time.perf_counter()
+    executable = lowered.compile()
+    compile_seconds = time.perf_counter() - start
+    flops = max(xla_flops(executable), xla_flops(lowered)) * num_devices
+    return CompiledStep(config, functions, executable, batch, compile_seconds, flops)
+
+
+def time_step(step: CompiledStep, state, *, steps: int, warmup: int) -> StepReport:
+    """Runs `warmup` then `steps` steps from `state` (donated); the median step time."""
+    if steps < 1 or warmup < 0:
+        raise app.UsageError(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}.")
+    times, cpu_times = [], []
+    for i in range(warmup + steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        state, metrics = step.executable(state, step.batch)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    if float(metrics["nonfinite_loss"]):
+        raise RuntimeError("the benchmarked step produced a non-finite loss")
+    return StepReport(
+        batch_size=step.config.batch_size,
+        seconds_per_step=statistics.median(times),
+        cpu_seconds_per_step=statistics.median(cpu_times),
+        compile_seconds=step.compile_seconds,
+        flops_per_step=step.flops_per_step,
+        peak_rss_bytes=peak_rss_bytes(),
+        device_kind=jax.devices()[0].device_kind,
+        num_devices=jax.device_count(),
+    )
+
+
+def measure_step(config: ml_collections.ConfigDict, *, steps: int, warmup: int) -> StepReport:
+    """Compiles the training step over all devices and times it on random batches."""
+    mesh = parallel.create_mesh()
+    step = compile_step(lower_step(config, mesh), mesh.devices.size)
+    state = step.functions.init(jax.random.key(config.seed))
+    return time_step(step, state, steps=steps, warmup=warmup)
+
+
+def describe_config(config: ml_collections.ConfigDict) -> str:
+    return (
+        f"{config.image_size}px, ngf {config.ngf}, ndf {config.ndf}, "
+        f"{config.n_res_blocks} blocks, global batch {config.batch_size}, {config.compute_dtype}"
+    )
+
+
+def format_step_report(report: StepReport) -> str:
+    return "\n".join(
+        [
+            f"devices: {report.num_devices} x {report.device_kind}",
+            f"images/s: {report.images_per_second:.3f}",
+            f"seconds/step: {report.seconds_per_step:.4f} (median)",
+            f"process CPU seconds/step: {report.cpu_seconds_per_step:.4f} (median)",
+            f"compile seconds: {report.compile_seconds:.1f}",
+            f"FLOPs/step (XLA cost analysis): {report.flops_per_step:.4g}",
+            f"GFLOP/image: {report.gflop_per_image:.1f}",
+            f"achieved GFLOP/s: {report.gflops_per_second:.1f}",
+            f"peak RSS: {report.peak_rss_bytes / GIB:.2f} GiB",
+        ]
+    )
+
+
+def measure_matmul_peak(size: int, dtype, repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n matrix multiply at the default precision, after warmup."""
+    keys = jax.random.split(jax.random.key(0))
+    a, b = (jax.random.normal(key, (size, size), dtype) for key in keys)
+    matmul = jax.jit(jnp.matmul)
+    for _ in range(3):
+        matmul(a, b).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = matmul(a, b)
+    out.block_until_ready()
+    seconds = (time.perf_counter() - start) / repeats
+    return 2 * size**3 / seconds
+
+
+def row_configs(config, batch_sizes, dtypes) -> list[ml_collections.ConfigDict]:
+    """One config per table row; both dtypes of a batch size come before the next size."""
+    rows = []
+    for batch_size in batch_sizes:
+        for dtype in dtypes:
+            row = ml_collections.ConfigDict(config.to_dict())
+            row.batch_size, row.compute_dtype = batch_size, dtype
+            rows.append(row)
+    return rows
+
+
+def gpu_table(
+    config: ml_collections.ConfigDict,
+    batch_sizes: list[int],
+    dtypes: list[str],
+    *,
+    steps: int,
+    warmup: int,
+    matmul_size: int,
+) -> list[str]:
+    """The accelerator table, printed line by line as each row finishes.
+
+    Rows start from one initial state (it depends on neither the batch size nor
+    the compute dtype). On an H200 each row's compilation, with convolution
+    autotuning, takes 20 to 40 s: most of the table's time.
+    """
+    lines = []
+
+    def emit(line):
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    emit(f"config: {describe_config(config)} (batch and dtype per row)")
+    peaks = {dtype: measure_matmul_peak(matmul_size, jnp.dtype(dtype)) for dtype in dtypes}
+    for dtype, peak in peaks.items():
+        emit(f"matmul peak {dtype} ({matmul_size}^3, default precision): {peak / 1e12:.3g} TFLOP/s")
+    emit(
+        f"{'dtype':>9} {'batch':>5} {'images/s':>10} {'s/step':>9} {'compile s':>9} "
+        f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>6}"
+    )
+    mesh = parallel.create_mesh()
+    initial_state = None
+    for row in row_configs(config, batch_sizes, dtypes):
+        dtype, batch_size = row.compute_dtype, row.batch_size
+        try:
+            step = compile_step(lower_step(row, mesh), mesh.devices.size)
+            if initial_state is None:
+                initial_state = step.functions.init(jax.random.key(config.seed))
+            state = jax.tree.map(jnp.copy, initial_state)  # Each row donates its own copy.
+            report = time_step(step, state, steps=steps, warmup=warmup)
+        except Exception as error:  # A failed row (e.g. out of memory) must not end the table.
+            emit(f"{dtype:>9} {batch_size:>5} failed: {type(error).__name__}: {error}")
+            continue
+        achieved = report.flops_per_step / report.seconds_per_step
+        emit(
+            f"{dtype:>9} {batch_size:>5} {report.images_per_second:>10.2f} "
+            f"{report.seconds_per_step:>9.4f} {report.compile_seconds:>9.1f} "
+            f"{report.gflop_per_image:>9.1f} {achieved / 1e12:>8.3g} "
+            f"{achieved / peaks[dtype]:>6.1%}"
+        )
+    emit(f"peak RSS: {peak_rss_bytes() / GIB:.2f} GiB")
+    return lines
+
+
+def default_config() -> ml_collections.ConfigDict:
+    from configs import default  # The repository root is on sys.path under `python -m`.
+
+    return default.get_config()
+
+
+def main(argv):
+    commands = argv[1:]
+    if len(commands) != 1 or commands[0] not in COMMANDS:
+        raise app.UsageError(f"give one command, one of {COMMANDS}; got {commands}.")
+    config = FLAGS.config
+    if commands[0] == "step":
+        if config is None:
+            raise app.UsageError("`step` needs --config=configs/<name>.py.")
+        print(f"config: {describe_config(config)}", flush=True)
+        print(format_step_report(measure_step(config, steps=FLAGS.steps, warmup=FLAGS.warmup)))
+    else:
+        gpu_table(
+            default_config() if config is None else config,
+            [int(size) for size in FLAGS.batch_sizes],
+            FLAGS.dtypes,
+            steps=FLAGS.steps,
+            warmup=FLAGS.warmup,
+            matmul_size=FLAGS.matmul_size,
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,94 @@
+"""The step benchmark: its figures, and the command lines that print them."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+from faceage_jax import bench
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args: str) -> str:
+    """Runs `python -m faceage_jax.bench ARGS` from the repository root; returns its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-m", "faceage_jax.bench", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def figure(output: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)}: ([0-9.e+]+)", output, re.MULTILINE)
+    assert match, f"no '{name}:' line in:\n{output}"
+    return float(match.group(1))
+
+
+def test_a_young_and_old_pair_counts_as_one_image():
+    report = bench.StepReport(
+        batch_size=4,
+        seconds_per_step=2.0,
+        cpu_seconds_per_step=3.9,
+        compile_seconds=10.0,
+        flops_per_step=8e10,
+        peak_rss_bytes=2**30,
+        device_kind="cpu",
+        num_devices=1,
+    )
+    assert report.images_per_second == 2.0
+    assert report.gflop_per_image == 20.0
+    assert report.gflops_per_second == 40.0
+
+
+def test_step_command_prints_every_figure():
+    output = run_bench("step", "--config", "configs/test.py", "--steps", "2", "--warmup", "0")
+
+    assert "devices: 1 x cpu" in output
+    seconds = figure(output, "seconds/step")
+    assert seconds > 0
+    # The test config's global batch is 4.
+    assert abs(figure(output, "images/s") - 4 / seconds) < 0.01 * 4 / seconds
+    assert figure(output, "process CPU seconds/step") > 0
+    assert figure(output, "compile seconds") > 0
+    flops = figure(output, "FLOPs/step (XLA cost analysis)")
+    # 32px, ngf/ndf 8: well under a GFLOP per image, but not nothing.
+    assert 0.05 < flops / 4 / 1e9 < 1
+    assert figure(output, "peak RSS") > 0.1
+
+
+def test_gpu_command_prints_a_row_per_batch_and_dtype():
+    output = run_bench(
+        "gpu",
+        "--config",
+        "configs/test.py",
+        "--batch_sizes=4",
+        "--dtypes=float32",
+        "--matmul_size=256",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    )
+    assert re.search(r"^matmul peak float32 \(256\^3\b.*: [0-9.]+ TFLOP/s$", output, re.MULTILINE)
+    rows = re.findall(r"^\s*float32\s+4\s+([0-9.]+)\s", output, re.MULTILINE)
+    assert len(rows) == 1 and float(rows[0]) > 0, output
+
+
+def test_the_benchmark_needs_neither_tensorflow_nor_clu():
+    # Accelerator machines may carry only jax, flax, optax and ml_collections.
+    probe = (
+        "import sys, faceage_jax.bench; "
+        "print(sorted(m for m in ('tensorflow', 'clu') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
