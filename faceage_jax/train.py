@@ -3,6 +3,7 @@
 `train_and_evaluate` is what `python -m faceage_jax.main` runs.
 """
 
+import os
 import time
 
 import jax
@@ -24,6 +25,11 @@ def prepare_data(config: ml_collections.ConfigDict) -> int:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("faceage_jax.prepare_data")
     return pipeline.steps_per_epoch(config)
+
+
+def absolute_path(path: str) -> epath.Path:
+    """`path` made absolute if local (Orbax refuses relative paths); URLs (gs://) as given."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
 
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -81,7 +87,7 @@ def train_and_evaluate(
     """
     config_validation.validate(config)
     parallel.check_batch_divides(config.batch_size, jax.device_count())
-    workdir = epath.Path(workdir)
+    workdir = absolute_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     enable_compilation_cache(workdir)
 

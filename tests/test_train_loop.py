@@ -145,13 +145,18 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     assert steps and max(steps) == 4, steps
 
 
-def test_run_writes_checkpoints_tensorboard_logs_and_sample_grids(tmp_path, shared_dirs):
+def test_run_writes_checkpoints_tensorboard_logs_and_sample_grids(
+    tmp_path, shared_dirs, monkeypatch
+):
     config = make_config(shared_dirs["data_dir"], num_train_steps=4, sample_every_steps=2)
-    state = train.train_and_evaluate(config, str(tmp_path))
+    # A relative workdir, as `make demo` gives (Orbax itself takes only absolute paths).
+    monkeypatch.chdir(tmp_path)
+    state = train.train_and_evaluate(config, "runs/demo")
+    workdir = tmp_path / "runs" / "demo"
     assert int(state.step) == 4
-    assert 4 in saved_steps(tmp_path)
-    assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard event file"
-    grids = sorted(path.name for path in (tmp_path / "samples").iterdir())
+    assert 4 in saved_steps(workdir)
+    assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    grids = sorted(path.name for path in (workdir / "samples").iterdir())
     assert grids == ["step_00000002.png", "step_00000004.png"]
 
 
