@@ -84,10 +84,11 @@ def test_sharded_step_equals_single_device_step(num_devices, parallelism):
     for expected, actual in zip(
         jax.tree.leaves(single_grads), jax.tree.leaves(sharded_grads), strict=True
     ):
-        # Summation order differs with the device count: allow float32 rounding
-        # relative to the tensor's scale (a summed-not-averaged gradient is off by 2-4x).
+        # Summation order differs with the device count: allow float32 rounding relative
+        # to the tensor's scale, and 1e-6 for the pure-noise gradients (~1e-8) of biases
+        # that feed instance norm. A summed-not-averaged gradient is off by 2-4x.
         scale = np.abs(expected).max()
-        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * scale)
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6 + 1e-5 * scale)
     for name, value in single_metrics.items():
         np.testing.assert_allclose(sharded_metrics[name], value, rtol=1e-5, err_msg=name)
 
