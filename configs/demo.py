@@ -4,7 +4,7 @@ Run (what `make demo` does):
   python -m faceage_jax.main --config configs/demo.py --workdir workdir/demo
 
 Same architecture and losses as the default config, scaled down: ngf/ndf 32,
-6 residual blocks, 64x64 images, global batch 4, two epochs (~315 steps). It
+6 residual blocks, 64x64 images, global batch 4, two epochs (~320 steps). It
 leaves checkpoints, TensorBoard logs and sample grids in the workdir; by the
 end the aged faces have grey hair and paler skin.
 """
