@@ -88,6 +88,7 @@ def _check_positive(config: ml_collections.ConfigDict) -> None:
 
 def _check_choices(config: ml_collections.ConfigDict) -> None:
     models.compute_dtype(config)  # Raises with the supported dtypes.
+    models.use_winograd(config)  # Raises with the supported algorithms.
     if config.parallelism not in parallel.PARALLELISMS:
         raise ConfigError(
             f"config.parallelism={config.parallelism!r}; use one of {parallel.PARALLELISMS}."

@@ -11,6 +11,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from faceage_jax import parallel
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (or gs://).")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -59,6 +61,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(LibraryInfoFilter())
     config = FLAGS.config
+    parallel.choose_xla_cpu_scheduler(config)  # Before JAX starts its backends.
     initialize_distributed(config)
     # TensorFlow (input pipeline only) must not take accelerator memory from JAX.
     import tensorflow as tf

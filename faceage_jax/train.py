@@ -105,6 +105,7 @@ def train_and_evaluate(
         train_iterator,
     )
     checkpointing.install_preemption_handler()
+    parallel.release_freed_memory()
 
     is_writer = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
@@ -129,7 +130,7 @@ def train_and_evaluate(
         every_secs=None,
     )
 
-    step = int(jax.device_get(state.step))
+    step = first_step = int(jax.device_get(state.step))
     pending = []  # (step, metrics) not yet checked and logged.
     last_log_time = time.monotonic()
     try:
@@ -137,6 +138,9 @@ def train_and_evaluate(
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = parallel.global_batch(mesh, next(train_iterator))
                 state, metrics = functions.step(state, batch)
+            if step == first_step:  # It compiled: return the compiler's memory.
+                jax.block_until_ready(metrics)
+                parallel.release_freed_memory()
             step += 1
             pending.append((step, metrics))
 

@@ -6,7 +6,8 @@ import re
 import subprocess
 import sys
 
-from faceage_jax import bench
+from configs import test as test_config
+from faceage_jax import bench, parallel
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -57,10 +58,24 @@ def test_step_command_prints_every_figure():
     assert abs(figure(output, "images/s") - 4 / seconds) < 0.01 * 4 / seconds
     assert figure(output, "process CPU seconds/step") > 0
     assert figure(output, "compile seconds") > 0
-    flops = figure(output, "FLOPs/step (XLA cost analysis)")
+    flops = figure(output, "model FLOPs/step")
     # 32px, ngf/ndf 8: well under a GFLOP per image, but not nothing.
     assert 0.05 < flops / 4 / 1e9 < 1
     assert figure(output, "peak RSS") > 0.1
+
+
+def test_model_flops_are_those_of_the_straightforward_step():
+    config = test_config.get_config()
+    mesh = parallel.create_mesh()
+    model, executed = {}, {}
+    for algorithm in ("winograd", "direct"):
+        config.residual_convs = algorithm
+        _, functions, batch, lowered = bench.lower_step(config, mesh)
+        model[algorithm] = bench.model_flops(config, functions, batch)
+        executed[algorithm] = bench.xla_flops(lowered)
+    # Winograd does the residual convolutions' work in fewer FLOPs; the benchmark
+    # still counts the model's.
+    assert executed["winograd"] < executed["direct"] == model["direct"] == model["winograd"]
 
 
 def test_gpu_command_prints_a_row_per_batch_and_dtype():

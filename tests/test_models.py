@@ -76,40 +76,19 @@ def test_discriminator_receptive_field_is_70x70():
     assert cols.max() - cols.min() + 1 == 70
 
 
-def capture_padded_conv_inputs(module, params, images):
-    """Inputs of every unpadded ('VALID') conv: those the generator reflect-pads itself."""
-    captured = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Conv) and context.module.padding == "VALID":
-            captured.append((context.module.kernel_size[0], args[0]))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        module.apply(params, images)
-    return captured
-
-
-def test_generator_pads_by_reflection_not_zeros():
-    generator = models.ResnetGenerator(ngf=8, n_res_blocks=1)
-    images = jax.random.uniform(jax.random.key(2), (1, 32, 32, 3), minval=-1, maxval=1)
-    params = generator.init(jax.random.key(0), images)
-    captured = capture_padded_conv_inputs(generator, params, images)
-
-    # 7x7 stem, two 3x3 convs in the residual block, 7x7 head.
-    assert [kernel for kernel, _ in captured] == [7, 3, 3, 7]
-    for kernel, padded in captured:
-        width = kernel // 2
-        padded = np.asarray(padded)
-        # Reflection: padded row `width - k` mirrors padded row `width + k`
-        # (the border row itself is not repeated); likewise for columns.
-        for k in range(1, width + 1):
-            np.testing.assert_array_equal(padded[:, width - k], padded[:, width + k])
-            np.testing.assert_array_equal(padded[:, :, width - k], padded[:, :, width + k])
-            np.testing.assert_array_equal(padded[:, -1 - width + k], padded[:, -1 - width - k])
-        assert np.abs(padded[:, 0]).sum() > 0, "border rows are zeros: zero padding"
-    # The stem sees the input itself, reflected.
-    np.testing.assert_array_equal(np.asarray(captured[0][1])[:, 3:-3, 3:-3], np.asarray(images))
+def test_reflection_pad_mirrors_without_repeating_the_border():
+    x = jax.random.normal(jax.random.key(2), (1, 6, 7, 2))
+    width = 3
+    padded = np.asarray(models.reflection_pad(x, width))
+    assert padded.shape == (1, 12, 13, 2)
+    np.testing.assert_array_equal(padded[:, width:-width, width:-width], np.asarray(x))
+    # Reflection: padded row `width - k` mirrors padded row `width + k` (the border
+    # row itself is not repeated); likewise for columns. The straightforward
+    # generator below pads with it, and the generator is held equal to that.
+    for k in range(1, width + 1):
+        np.testing.assert_array_equal(padded[:, width - k], padded[:, width + k])
+        np.testing.assert_array_equal(padded[:, :, width - k], padded[:, :, width + k])
+        np.testing.assert_array_equal(padded[:, -1 - width + k], padded[:, -1 - width - k])
 
 
 # bfloat16 keeps ~3 significant digits; through a dozen conv+norm layers the
@@ -245,6 +224,26 @@ def test_bfloat16_subpixel_conv_transpose_agrees_with_flax_conv_transpose():
     assert np.abs(actual - expected).max() < 0.02 * np.abs(expected).max()
 
 
+def flax_instance_norm():
+    """The straightforward layer that `models.instance_norm` computes."""
+    return nn.InstanceNorm(epsilon=1e-5, use_scale=False, use_bias=False, use_fast_variance=False)
+
+
+def reflect(x, width):
+    return jnp.pad(x, ((0, 0), (width, width), (width, width), (0, 0)), mode="reflect")
+
+
+class StraightforwardResidualBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        conv = functools.partial(
+            nn.Conv, x.shape[-1], (3, 3), padding="VALID", kernel_init=models.KERNEL_INIT
+        )
+        y = nn.relu(flax_instance_norm()(conv()(reflect(x, 1))))
+        y = flax_instance_norm()(conv()(reflect(y, 1)))
+        return x + y
+
+
 class StraightforwardGenerator(nn.Module):
     """The ResNet generator written with Flax's own layers only: the specification."""
 
@@ -257,35 +256,115 @@ class StraightforwardGenerator(nn.Module):
             return nn.Conv(features, kernel, kernel_init=models.KERNEL_INIT, **kwargs)
 
         def norm_relu(x):
-            return nn.relu(models.instance_norm(jnp.float32)(x))
+            return nn.relu(flax_instance_norm()(x))
 
-        x = norm_relu(conv(self.ngf, (7, 7), padding="VALID")(models.reflection_pad(images, 3)))
+        x = norm_relu(conv(self.ngf, (7, 7), padding="VALID")(reflect(images, 3)))
         x = norm_relu(conv(2 * self.ngf, (3, 3), strides=(2, 2), padding=models.PAD_1)(x))
         x = norm_relu(conv(4 * self.ngf, (3, 3), strides=(2, 2), padding=models.PAD_1)(x))
         for _ in range(self.n_res_blocks):
-            x = models.ResidualBlock()(x)
+            x = StraightforwardResidualBlock(name=f"ResidualBlock_{_}")(x)
         x = norm_relu(flax_conv_transpose(2 * self.ngf)(x))
         x = norm_relu(flax_conv_transpose(self.ngf)(x))
-        x = conv(3, (7, 7), padding="VALID")(models.reflection_pad(x, 3))
+        x = conv(3, (7, 7), padding="VALID")(reflect(x, 3))
         return jnp.tanh(x)
 
 
-def test_generator_has_the_parameters_of_the_straightforward_generator():
+@pytest.mark.parametrize("winograd", [False, True])
+def test_generator_has_the_parameters_of_the_straightforward_generator(winograd):
     images = jnp.zeros((1, 32, 32, 3))
-    params = models.ResnetGenerator(ngf=8, n_res_blocks=2).init(jax.random.key(0), images)
+    generator = models.ResnetGenerator(ngf=8, n_res_blocks=2, winograd=winograd)
+    params = generator.init(jax.random.key(0), images)
     reference = StraightforwardGenerator(ngf=8, n_res_blocks=2).init(jax.random.key(0), images)
     assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, reference)
     jax.tree.map(np.testing.assert_array_equal, params, reference)
 
 
-def test_generator_equals_the_straightforward_generator_with_gradients():
+@pytest.mark.parametrize("winograd", [False, True])
+def test_generator_equals_the_straightforward_generator_with_gradients(winograd):
     images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
     cotangent = jax.random.normal(jax.random.key(2), images.shape)
-    reference = StraightforwardGenerator(ngf=4, n_res_blocks=1)
+    reference = StraightforwardGenerator(ngf=4, n_res_blocks=2)
     params = perturbed(reference.init(jax.random.key(0), images))
 
     expected = value_and_gradients(reference, params, images, cotangent)
-    actual = value_and_gradients(
-        models.ResnetGenerator(ngf=4, n_res_blocks=1), params, images, cotangent
-    )
+    generator = models.ResnetGenerator(ngf=4, n_res_blocks=2, winograd=winograd)
+    actual = value_and_gradients(generator, params, images, cotangent)
     assert_equal_up_to_float32_rounding(actual, expected)
+
+
+def direct_conv(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def test_winograd_conv3x3_equals_the_direct_convolution_with_gradients():
+    # Unequal height and width, channels that are not a multiple of anything.
+    x = jax.random.normal(jax.random.key(0), (2, 10, 14, 5))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 5, 7))
+    cotangent = jax.random.normal(jax.random.key(2), (2, 8, 12, 7))
+
+    def value_and_grads(conv):
+        output, pullback = jax.vjp(conv, x, kernel)
+        return (output, *pullback(cotangent))
+
+    expected = value_and_grads(direct_conv)
+    actual = value_and_grads(models.winograd_conv3x3)
+    for got, want in zip(actual, expected, strict=True):
+        assert got.shape == want.shape
+        scale = np.abs(np.asarray(want)).max()
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * scale)
+
+
+def test_winograd_conv3x3_needs_an_even_output_size():
+    with pytest.raises(ValueError, match="even output size"):
+        models.winograd_conv3x3(jnp.zeros((1, 9, 10, 2)), jnp.zeros((3, 3, 2, 2)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_instance_norm_equals_flax_instance_norm_with_gradients(dtype):
+    # An offset and a scale per channel, as conv outputs have.
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 6, 5, 4))
+    cotangent = jax.random.normal(jax.random.key(1), x.shape)
+    flax_norm = nn.InstanceNorm(
+        epsilon=1e-5, use_scale=False, use_bias=False, use_fast_variance=False, dtype=dtype
+    )
+
+    def flax_layer(x):
+        return flax_norm.apply({}, x)
+
+    expected, flax_pullback = jax.vjp(flax_layer, x)
+    actual, pullback = jax.vjp(functools.partial(models.instance_norm, dtype=dtype), x)
+    assert actual.dtype == expected.dtype == dtype
+    tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32), np.asarray(expected, np.float32), atol=tolerance
+    )
+    (grad,), (flax_grad,) = (
+        pullback(cotangent.astype(dtype)),
+        flax_pullback(cotangent.astype(dtype)),
+    )
+    scale = np.abs(np.asarray(flax_grad, np.float32)).max()
+    np.testing.assert_allclose(
+        np.asarray(grad, np.float32), np.asarray(flax_grad, np.float32), atol=tolerance * scale
+    )
+
+
+def test_residual_convs_auto_is_winograd_on_cpu_in_float32_only():
+    config = default_config.get_config()
+    assert jax.default_backend() == "cpu"
+    assert models.create_generator(config).winograd
+    config.compute_dtype = "bfloat16"
+    assert not models.create_generator(config).winograd
+    config.residual_convs = "winograd"
+    assert models.create_generator(config).winograd
+    config.residual_convs = "direct"
+    config.compute_dtype = "float32"
+    assert not models.create_generator(config).winograd
+
+
+def test_unknown_residual_convs_is_rejected_with_the_choices():
+    config = default_config.get_config()
+    config.residual_convs = "fft"
+    with pytest.raises(ValueError, match="winograd"):
+        models.create_generator(config)

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import default as default_config
 from configs import test as test_config
 from faceage_jax import cyclegan, models, parallel
 
@@ -328,3 +329,38 @@ def test_nonfinite_loss_is_flagged_in_the_metrics(launchers):
 def test_batch_not_divisible_by_devices_is_rejected_with_advice():
     with pytest.raises(ValueError, match="multiple of the number of devices"):
         parallel.check_batch_divides(6, 4)
+
+
+def scheduler_config(batch_size, image_size, num_processes=-1):
+    config = default_config.get_config()
+    config.batch_size, config.image_size, config.num_processes = (
+        batch_size,
+        image_size,
+        num_processes,
+    )
+    return config
+
+
+def test_large_steps_get_the_memory_minimizing_cpu_scheduler():
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert parallel.choose_xla_cpu_scheduler(scheduler_config(4, 128), environ)
+    assert environ["XLA_FLAGS"] == (
+        "--xla_dump_to=/tmp/x --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    )
+
+
+@pytest.mark.parametrize(
+    "batch_size, image_size, num_processes", [(1, 128, -1), (4, 64, -1), (8, 128, 4)]
+)
+def test_small_steps_keep_the_default_cpu_scheduler(batch_size, image_size, num_processes):
+    environ = {}
+    config = scheduler_config(batch_size, image_size, num_processes)
+    assert not parallel.choose_xla_cpu_scheduler(config, environ)
+    assert environ == {}
+
+
+def test_the_users_cpu_scheduler_choice_is_kept():
+    flag = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    environ = {"XLA_FLAGS": flag}
+    assert not parallel.choose_xla_cpu_scheduler(scheduler_config(16, 256), environ)
+    assert environ["XLA_FLAGS"] == flag
