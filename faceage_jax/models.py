@@ -7,12 +7,20 @@ N(0, 0.02) kernels and zero biases. Parameters are float32; `dtype` sets the
 compute dtype of convolutions (bfloat16 on accelerators), while instance-norm
 statistics are always computed in float32.
 
-The generator's stride-2 transposed convolutions are computed as four small
-convolutions (`SubpixelConvTranspose`), not as `nn.ConvTranspose`'s convolution
-over a stride-dilated input, which XLA:CPU runs at a few percent of matmul
-speed (the whole step was 1.7x faster on an H200 too). Parameters (names,
-shapes, initialization) and results are `nn.ConvTranspose`'s; tests hold them
-equal.
+Some layers are computed differently from their textbook form; parameters
+(names, shapes, initialization) and results, gradients included, are those of
+the straightforward Flax layers, and tests hold them equal:
+
+- The stride-2 transposed convolutions are four small convolutions
+  (`SubpixelConvTranspose`), not `nn.ConvTranspose`'s convolution over a
+  stride-dilated input, which XLA:CPU runs at a few percent of matmul speed
+  (the whole step was 1.7x faster on an H200 too).
+- With `winograd` (on CPU, see `use_winograd`), the residual blocks' 3x3
+  convolutions, ~83 % of the step's FLOPs, run by `winograd_conv3x3`.
+- `instance_norm` keeps only its output for the backward pass, and every
+  generator convolution recomputes its ReLU, padding and input transforms
+  there (`_apply_layer`): the generator's backward pass keeps ~42 MiB per
+  128x128 image instead of ~134.
 """
 
 import functools
@@ -159,15 +167,6 @@ def reflection_pad(x: jax.Array, width: int) -> jax.Array:
 INSTANCE_NORM_EPSILON = 1e-5
 
 
-@jax.custom_vjp
-def _normalize(x: jax.Array) -> jax.Array:
-    """`(x - mean) / sqrt(var + eps)` over the spatial axes of `x: [B, H, W, C]`."""
-    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-    centered = x - mean
-    variance = jnp.mean(jnp.square(centered), axis=(1, 2), keepdims=True)
-    return centered * lax.rsqrt(variance + INSTANCE_NORM_EPSILON)
-
-
 def _normalize_forward(x):
     mean = jnp.mean(x, axis=(1, 2), keepdims=True)
     centered = x - mean
@@ -175,6 +174,12 @@ def _normalize_forward(x):
     inverse_deviation = lax.rsqrt(variance + INSTANCE_NORM_EPSILON)
     normalized = centered * inverse_deviation
     return normalized, (normalized, inverse_deviation)
+
+
+@jax.custom_vjp
+def _normalize(x: jax.Array) -> jax.Array:
+    """`(x - mean) / sqrt(var + eps)` over the spatial axes of `x: [B, H, W, C]`."""
+    return _normalize_forward(x)[0]
 
 
 def _normalize_backward(residuals, grad):
