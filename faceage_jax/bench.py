@@ -7,9 +7,10 @@ Run, from the repository root:
 `step` prints images/s (a young+old pair counts as one image: images/s is the
 global batch over the seconds per step, as PyTorch's CycleGAN counts them),
 the median step time, compile time, the model FLOPs (see `model_flops`), the
-achieved GFLOP/s, peak RSS and the devices. `gpu` is the prepared accelerator table: the default
-config (or --config) at several batch sizes in float32 and bfloat16, with the
-model FLOP utilization against matrix-multiply peaks it measures itself.
+achieved GFLOP/s, peak RSS and the devices. `gpu` is the prepared accelerator
+table: the default config (or --config) at several batch sizes in float32 and
+bfloat16, with the model FLOP utilization against matrix-multiply peaks it
+measures itself.
 
 Needs only jax, flax, optax, absl and ml_collections (no TensorFlow), so it
 runs on machines that carry just the accelerator stack.
@@ -46,7 +47,7 @@ GIB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class StepReport:
-    """What one configuration's step costs; FLOPs are XLA's count over all devices."""
+    """What one configuration's step costs; FLOPs are the model's, over all devices."""
 
     batch_size: int
     seconds_per_step: float
@@ -125,11 +126,11 @@ def compile_step(lowered_step: tuple, num_devices: int) -> CompiledStep:
     start = time.perf_counter()
     executable = lowered.compile()
     compile_seconds = time.perf_counter() - start
-    flops = model_flops(config, functions, batch) * num_devices
+    flops = model_flops(config, lowered, batch) * num_devices
     return CompiledStep(config, functions, executable, batch, compile_seconds, flops)
 
 
-def model_flops(config: ml_collections.ConfigDict, functions, batch) -> float:
+def model_flops(config: ml_collections.ConfigDict, lowered, batch) -> float:
     """The FLOPs of one step of the straightforward networks, per device.
 
     Counted by XLA on the step as written with direct convolutions, before
@@ -137,12 +138,14 @@ def model_flops(config: ml_collections.ConfigDict, functions, batch) -> float:
     GFLOP per image at 128px). Winograd convolutions do the same work in fewer
     FLOPs, and after optimization GPUs hide convolutions in cuDNN calls that XLA
     does not count, so neither the step that runs nor its compiled form is counted.
+    `lowered` is the step as it runs; a Winograd step is lowered again without.
     """
     if models.use_winograd(config):
         config = config.copy_and_resolve_references()
         config.residual_convs = "direct"
         functions = cyclegan.create_step_functions(config, parallel.create_mesh(), 1)
-    return xla_flops(functions.step.lower(functions.abstract_state, batch))
+        lowered = functions.step.lower(functions.abstract_state, batch)
+    return xla_flops(lowered)
 
 
 def time_step(step: CompiledStep, state, *, steps: int, warmup: int) -> StepReport:

@@ -210,8 +210,8 @@ class Conv(nn.Module):
 
     The input is `relu(x)` with `relu_input`, reflection-padded by `reflect` pixels
     when that is > 0. The activation and padding are recomputed in the backward
-    pass rather than stored (see `_apply_layer`). With `winograd`, a 3x3 stride-1
-    convolution runs as `winograd_conv3x3`.
+    pass rather than stored (see `_apply_layer`). With `winograd` (3x3, stride 1,
+    'VALID' only) the convolution runs as `winograd_conv3x3`.
     """
 
     features: int
@@ -229,14 +229,17 @@ class Conv(nn.Module):
         kernel = self.param("kernel", KERNEL_INIT, kernel_shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        use_winograd = self.winograd and self.kernel_size == (3, 3) and self.strides == (1, 1)
-        if use_winograd and self.padding != "VALID":
-            raise ValueError("Conv(winograd=True) pads by `reflect` only; use padding='VALID'.")
+        shape = (tuple(self.kernel_size), tuple(self.strides), self.padding)
+        if self.winograd and shape != ((3, 3), (1, 1), "VALID"):
+            raise ValueError(
+                "Conv(winograd=True) is for 3x3 stride-1 convolutions padded by `reflect`; "
+                f"got kernel_size, strides, padding = {shape}."
+            )
 
         def layer(inputs, kernel):
             if self.reflect:
                 inputs = reflection_pad(inputs, self.reflect)
-            if use_winograd:
+            if self.winograd:
                 return winograd_conv3x3(inputs, kernel)
             return lax.conv_general_dilated(
                 inputs,

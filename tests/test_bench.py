@@ -70,8 +70,8 @@ def test_model_flops_are_those_of_the_straightforward_step():
     model, executed = {}, {}
     for algorithm in ("winograd", "direct"):
         config.residual_convs = algorithm
-        _, functions, batch, lowered = bench.lower_step(config, mesh)
-        model[algorithm] = bench.model_flops(config, functions, batch)
+        _, _, batch, lowered = bench.lower_step(config, mesh)
+        model[algorithm] = bench.model_flops(config, lowered, batch)
         executed[algorithm] = bench.xla_flops(lowered)
     # Winograd does the residual convolutions' work in fewer FLOPs; the benchmark
     # still counts the model's.

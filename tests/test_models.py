@@ -368,3 +368,9 @@ def test_unknown_residual_convs_is_rejected_with_the_choices():
     config.residual_convs = "fft"
     with pytest.raises(ValueError, match="winograd"):
         models.create_generator(config)
+
+
+def test_winograd_conv_refuses_what_it_cannot_compute():
+    strided = models.Conv(4, (3, 3), strides=(2, 2), padding=models.PAD_1, winograd=True)
+    with pytest.raises(ValueError, match="3x3 stride-1"):
+        strided.init(jax.random.key(0), jnp.zeros((1, 8, 8, 2)))
