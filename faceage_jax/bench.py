@@ -126,26 +126,25 @@ def compile_step(lowered_step: tuple, num_devices: int) -> CompiledStep:
     start = time.perf_counter()
     executable = lowered.compile()
     compile_seconds = time.perf_counter() - start
-    flops = model_flops(config, lowered, batch) * num_devices
+    flops = model_flops(config, batch) * num_devices
     return CompiledStep(config, functions, executable, batch, compile_seconds, flops)
 
 
-def model_flops(config: ml_collections.ConfigDict, lowered, batch) -> float:
+def model_flops(config: ml_collections.ConfigDict, batch) -> float:
     """The FLOPs of one step of the straightforward networks, per device.
 
-    Counted by XLA on the step as written with direct convolutions, before
-    optimization: the figure a PyTorch FLOP counter gives for the same step (469
-    GFLOP per image at 128px). Winograd convolutions do the same work in fewer
-    FLOPs, and after optimization GPUs hide convolutions in cuDNN calls that XLA
-    does not count, so neither the step that runs nor its compiled form is counted.
-    `lowered` is the step as it runs; a Winograd step is lowered again without.
+    Counted by XLA on the step as written, before optimization: direct
+    convolutions and the residual blocks as a loop. That is the figure a
+    PyTorch FLOP counter gives for the same step (469 GFLOP per image at 128px).
+    The step that runs is not counted: Winograd convolutions do the same work
+    in fewer FLOPs, XLA counts a scan's body once, and after optimization GPUs
+    hide convolutions in cuDNN calls that XLA does not count.
     """
-    if models.use_winograd(config):
-        config = config.copy_and_resolve_references()
-        config.residual_convs = "direct"
+    config = config.copy_and_resolve_references()
+    config.residual_convs = "direct"
+    with models.residual_blocks_as_loop():
         functions = cyclegan.create_step_functions(config, parallel.create_mesh(), 1)
-        lowered = functions.step.lower(functions.abstract_state, batch)
-    return xla_flops(lowered)
+        return xla_flops(functions.step.lower(functions.abstract_state, batch))
 
 
 def time_step(step: CompiledStep, state, *, steps: int, warmup: int) -> StepReport:
