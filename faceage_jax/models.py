@@ -49,9 +49,9 @@ TRANSPOSE_PAD_3x3_S2 = ((1, 2), (1, 2))
 # Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
 # Networks", 2016): a 3x3 convolution over 4x4 input tiles d, giving 2x2 output
 # tiles, is A^T [(G g G^T) * (B^T d B)] A with these exact small matrices.
-# (F(4x4, 3x3), 4x fewer multiplications, was ~14 % faster at 128px but its
-# rounding, ~20x the direct convolution's, let the 4-device step drift from the
-# single-device one by ~1e-2 in the tests: not taken.)
+# (F(4x4, 3x3), 4x fewer multiplications, was ~14 % faster at 128px, but with it
+# the 4-device step drifted from the single-device one by up to ~1e-2 in the
+# tests, for a reason not found yet; its rounding is ~20x the direct conv's.)
 WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
