@@ -336,9 +336,9 @@ class ResnetGenerator(nn.Module):
 
         Each block keeps its own parameters (`ResidualBlock_0`, ...), as a plain
         loop would; the scan only makes XLA compile the block once rather than
-        `n_res_blocks` times: at 128px the step compiles in half the time and
-        its peak memory (compiled code included) drops by ~0.5 GiB, at the same
-        speed. See `residual_blocks_as_loop` for the plain loop.
+        `n_res_blocks` times: at 128px batch 4 the step compiled in ~9 s instead
+        of 25-30 and its peak RSS (compiled code included) fell from 3.19 to
+        2.58 GiB, at the same speed. See `residual_blocks_as_loop` for the loop.
         """
         blocks = [
             ResidualBlock(dtype=self.dtype, winograd=self.winograd, name=f"ResidualBlock_{i}")
