@@ -17,7 +17,8 @@ the straightforward Flax layers, and tests hold them equal:
   (the whole step was 1.7x faster on an H200 too).
 - With `winograd` (on CPU, see `use_winograd`), the residual blocks' 3x3
   convolutions, ~83 % of the step's FLOPs, run by `winograd_conv3x3`.
-- The residual blocks run as a `lax.scan` (`ResnetGenerator._residual_blocks`).
+- The residual blocks run as a `lax.scan` (`ResnetGenerator._residual_blocks`),
+  unless they are direct convolutions on CPU (see `create_generator`).
 - `instance_norm` keeps only its output for the backward pass, and every
   generator convolution recomputes its ReLU, padding and input transforms
   there (`_apply_layer`): the generator's backward pass keeps ~42 MiB per
@@ -300,8 +301,10 @@ class ResnetGenerator(nn.Module):
 
     H and W must be multiples of 2**n_downsample. `winograd` runs the residual
     blocks' 3x3 convolutions as `winograd_conv3x3` (2.25x fewer FLOPs; see
-    `create_generator` for when it is used). Either way the parameters and the
-    results are those of the straightforward network (tests hold them equal).
+    `create_generator` for when it is used). `scan_blocks` runs the residual
+    blocks as one scan (see `_residual_blocks`), else as a loop. Either way the
+    parameters and the results are those of the straightforward network (tests
+    hold them equal).
     """
 
     ngf: int = 64
@@ -309,6 +312,7 @@ class ResnetGenerator(nn.Module):
     n_downsample: int = 2
     dtype: jnp.dtype = jnp.float32
     winograd: bool = False
+    scan_blocks: bool = True
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -344,7 +348,8 @@ class ResnetGenerator(nn.Module):
             ResidualBlock(dtype=self.dtype, winograd=self.winograd, name=f"ResidualBlock_{i}")
             for i in range(self.n_res_blocks)
         ]
-        if self.is_initializing() or not blocks or _residual_blocks_as_loop:
+        loop = not self.scan_blocks or _residual_blocks_as_loop
+        if self.is_initializing() or not blocks or loop:
             for block in blocks:
                 x = block(x)
             return x
@@ -423,12 +428,17 @@ def use_winograd(config: ml_collections.ConfigDict) -> bool:
 
 
 def create_generator(config: ml_collections.ConfigDict) -> ResnetGenerator:
+    winograd = use_winograd(config)
     return ResnetGenerator(
         ngf=config.ngf,
         n_res_blocks=config.n_res_blocks,
         n_downsample=config.n_downsample,
         dtype=compute_dtype(config),
-        winograd=use_winograd(config),
+        winograd=winograd,
+        # XLA:CPU emits a convolution's gradient inside a loop body as a naive
+        # elemental loop (jax-ml/jax#12868): the scanned step with direct convs
+        # ran 25x slower on the demo. Winograd's matrix products are not affected.
+        scan_blocks=winograd or jax.default_backend() != "cpu",
     )
 
 

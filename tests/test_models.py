@@ -1,6 +1,7 @@
 """The CycleGAN networks match the reference architecture."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -363,6 +364,45 @@ def test_residual_convs_auto_is_winograd_on_cpu_in_float32_only():
     config.residual_convs = "direct"
     config.compute_dtype = "float32"
     assert not models.create_generator(config).winograd
+
+
+def convolutions_in_loop_fusions(hlo_text):
+    """Names of compiled HLO's loop fusions that contain a convolution.
+
+    XLA:CPU runs a convolution by its convolution library, alone or in a custom
+    fusion; inside a loop fusion it is emitted as a naive elemental loop.
+    """
+    fusions = re.findall(r"fusion\(.*?kind=(\w+), calls=%([\w.\-]+)", hlo_text)
+    loop_fusions = {name for kind, name in fusions if kind == "kLoop"}
+    return [
+        name
+        for computation in re.split(r"\n(?=\S)", hlo_text)
+        if (match := re.match(r"%([\w.\-]+) ", computation))
+        and (name := match.group(1)) in loop_fusions
+        and " convolution(" in computation
+    ]
+
+
+def test_direct_residual_convs_are_not_scanned_on_cpu():
+    # jax-ml/jax#12868: XLA:CPU emits a convolution's gradient inside a loop body
+    # as a naive loop (the demo step ran 25x slower); the generator loops instead.
+    config = default_config.get_config()
+    config.update(ngf=32, n_res_blocks=2, residual_convs="direct")
+    images = jnp.zeros((1, 64, 64, 3))
+
+    def compiled_gradient(generator):
+        params = generator.init(jax.random.key(0), images)
+        loss = lambda params: generator.apply(params, images).sum()  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+
+    generator = models.create_generator(config)
+    assert not generator.scan_blocks
+    assert convolutions_in_loop_fusions(compiled_gradient(generator)) == []
+    # What it avoids: the same generator with its blocks scanned.
+    scanned = compiled_gradient(generator.clone(scan_blocks=True))
+    assert convolutions_in_loop_fusions(scanned), "XLA fixed it: direct convs may be scanned"
+    config.residual_convs = "winograd"
+    assert models.create_generator(config).scan_blocks
 
 
 def test_unknown_residual_convs_is_rejected_with_the_choices():
