@@ -63,8 +63,14 @@ def sgd_step(num_devices, parallelism="shard_map"):
     Plain SGD with rate 1 makes the parameter change the negative gradient, so
     comparing parameters compares gradients: Adam would hide a gradient summed
     instead of averaged (it is invariant to the gradient's scale).
+
+    Direct convolutions: the gradient jumps where a ReLU input crosses zero, and
+    this batch has one 6e-7 from zero (image 2, the generator's second
+    downsampling input). Winograd F(4x4, 3x3)'s rounding (~1e-5 there, against
+    ~1e-7) flips it between batch 1 per device and batch 4, which moves some
+    gradients by ~1e-2 for a reason that has nothing to do with sharding.
     """
-    config = make_config(pool_size=0, parallelism=parallelism)
+    config = make_config(pool_size=0, parallelism=parallelism, residual_convs="direct")
     mesh, init, step = build_step(config, num_devices, optax.sgd(1.0))
     state = init(jax.random.key(0))
     before = jax.device_get((state.generator_params, state.discriminator_params))
