@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 'float32' or 'bfloat16' (bf16 convolutions; float32 params and norm statistics).
     config.compute_dtype = "float32"
     # How the residual blocks' 3x3 convolutions run (same parameters, same results):
-    # 'winograd' (4x fewer FLOPs, faster on CPUs), 'direct' (XLA's convolution,
+    # 'winograd' (4x fewer multiplications, faster on CPUs), 'direct' (XLA's convolution,
     # for GPUs/TPUs and their libraries), or 'auto': winograd on CPU in float32.
     config.residual_convs = "auto"
 

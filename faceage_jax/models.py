@@ -51,10 +51,8 @@ TRANSPOSE_PAD_3x3_S2 = ((1, 2), (1, 2))
 # Networks", 2016): a 3x3 convolution over 6x6 input tiles d, giving 4x4 output
 # tiles, is A^T [(G g G^T) * (B^T d B)] A with these exact matrices (the
 # interpolation points 0, 1, -1, 2, -2 and infinity). 4x fewer multiplications
-# than the direct convolution (F(2x2, 3x3): 2.25x; the step is ~14 % faster at
-# 128px) for ~20x its float32 rounding, ~1e-5 relative: invisible in training,
-# but enough to flip a ReLU input lying within ~1e-6 of zero, where the gradient
-# jumps (see `sgd_step` in tests/test_train_step.py).
+# than the direct convolution (F(2x2, 3x3): 2.25x); the step at 128px is ~13 %
+# faster than with F(2x2, 3x3). The price is rounding: see `winograd_conv3x3`.
 WINOGRAD_BT = np.array(
     [
         [4, 0, -5, 0, 1, 0],
@@ -104,11 +102,12 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     is cut into 6x6 tiles at stride 4 (zero-extended to whole tiles, the extra
     outputs cropped), each tile and the kernel are transformed, and the
     convolution becomes 36 matrix products `[B * H/4 * W/4, C] @ [C, D]`: 36
-    multiplies per 4x4 outputs instead of 144, 4x fewer FLOPs. Autodiff of it is
+    multiplies per 4x4 outputs instead of 144. Autodiff of it is
     Winograd too: the weight gradient is 36 products of transformed inputs and
     output gradients, the input gradient 36 products with the transposed
-    transformed kernel. Rounding: the float32 result differs from the direct
-    convolution's by ~3e-6 of its RMS (the direct one's own error is ~4e-7).
+    transformed kernel. Rounding, against a float64 reference at the residual
+    blocks' shapes: errors of ~3e-6 of the output's RMS, ~1e-5 of its largest
+    value at most (the direct convolution's: 4e-7 and 6e-7).
     """
     batch, padded_height, padded_width, channels = x.shape
     height, width = padded_height - 2, padded_width - 2
@@ -326,7 +325,7 @@ class ResnetGenerator(nn.Module):
     """ResNet generator: `images: [B, H, W, 3]` in [-1, 1] -> same shape, tanh output.
 
     H and W must be multiples of 2**n_downsample. `winograd` runs the residual
-    blocks' 3x3 convolutions as `winograd_conv3x3` (4x fewer FLOPs; see
+    blocks' 3x3 convolutions as `winograd_conv3x3` (4x fewer multiplications; see
     `create_generator` for when it is used). `scan_blocks` runs the residual
     blocks as one scan (see `_residual_blocks`), else as a loop. Either way the
     parameters and the results are those of the straightforward network (tests
@@ -363,6 +362,9 @@ class ResnetGenerator(nn.Module):
 
     def _residual_blocks(self, x: jax.Array) -> jax.Array:
         """The residual blocks, as one `lax.scan` over their stacked parameters.
+
+        Unless `scan_blocks` is off (direct convolutions on CPU, see
+        `create_generator`) or inside `residual_blocks_as_loop`: then a loop.
 
         Each block keeps its own parameters (`ResidualBlock_0`, ...), as a plain
         loop would; the scan only makes XLA compile the block once rather than
@@ -442,7 +444,7 @@ def use_winograd(config: ml_collections.ConfigDict) -> bool:
     """Whether `config.residual_convs` runs the residual blocks' convs by Winograd here.
 
     'auto' picks it on CPU in float32, where XLA's convolutions run near the
-    machine's peak and 4x fewer FLOPs make the step faster. On GPUs and
+    machine's peak and 4x fewer multiplications make the step faster. On GPUs and
     TPUs the convolution libraries are left to choose their own algorithms.
     """
     if config.residual_convs not in RESIDUAL_CONVS:
