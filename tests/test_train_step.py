@@ -87,25 +87,32 @@ def sgd_step(num_devices, parallelism="shard_map", residual_convs="direct", shar
     return before, after, jax.device_get(metrics)
 
 
-@pytest.mark.parametrize(
-    "num_devices, parallelism", [(2, "shard_map"), (4, "shard_map"), (4, "pmap")]
-)
-def test_sharded_step_equals_single_device_step(num_devices, parallelism):
-    before, single, single_metrics = sgd_step(1)
-    _, sharded, sharded_metrics = sgd_step(num_devices, parallelism)
-
-    single_grads = jax.tree.map(np.subtract, before, single)
-    sharded_grads = jax.tree.map(np.subtract, before, sharded)
+def assert_same_update(expected_grads, expected_metrics, grads, metrics):
+    """Gradients and metrics of two steps agree up to float32 rounding."""
     for expected, actual in zip(
-        jax.tree.leaves(single_grads), jax.tree.leaves(sharded_grads), strict=True
+        jax.tree.leaves(expected_grads), jax.tree.leaves(grads), strict=True
     ):
         # Summation order differs with the device count: allow float32 rounding relative
         # to the tensor's scale, and 1e-6 for the pure-noise gradients (~1e-8) of biases
         # that feed instance norm. A summed-not-averaged gradient is off by 2-4x.
         scale = np.abs(expected).max()
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6 + 1e-5 * scale)
-    for name, value in single_metrics.items():
-        np.testing.assert_allclose(sharded_metrics[name], value, rtol=1e-5, err_msg=name)
+    for name, value in expected_metrics.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "num_devices, parallelism", [(2, "shard_map"), (4, "shard_map"), (4, "pmap")]
+)
+def test_sharded_step_equals_single_device_step(num_devices, parallelism):
+    before, single, single_metrics = sgd_step(1)
+    _, sharded, sharded_metrics = sgd_step(num_devices, parallelism)
+    assert_same_update(
+        jax.tree.map(np.subtract, before, single),
+        single_metrics,
+        jax.tree.map(np.subtract, before, sharded),
+        sharded_metrics,
+    )
 
 
 def test_sharded_step_equals_the_mean_of_single_device_steps_on_its_shards():
@@ -118,16 +125,12 @@ def test_sharded_step_equals_the_mean_of_single_device_steps_on_its_shards():
     def mean(trees):
         return jax.tree.map(lambda *leaves: np.mean(leaves, axis=0), *trees)
 
-    expected_grads = mean([jax.tree.map(np.subtract, before, after) for _, after, _ in shards])
-    sharded_grads = jax.tree.map(np.subtract, before, sharded)
-    for expected, actual in zip(
-        jax.tree.leaves(expected_grads), jax.tree.leaves(sharded_grads), strict=True
-    ):
-        scale = np.abs(expected).max()
-        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6 + 1e-5 * scale)
-    expected_metrics = mean([metrics for _, _, metrics in shards])
-    for name, value in expected_metrics.items():
-        np.testing.assert_allclose(sharded_metrics[name], value, rtol=1e-5, err_msg=name)
+    assert_same_update(
+        mean([jax.tree.map(np.subtract, before, after) for _, after, _ in shards]),
+        mean([metrics for _, _, metrics in shards]),
+        jax.tree.map(np.subtract, before, sharded),
+        sharded_metrics,
+    )
 
 
 def test_gradient_is_an_average_not_a_sum_over_devices():
