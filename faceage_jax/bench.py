@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from faceage_jax import cyclegan, models, parallel
+from faceage_jax import cyclegan, huge_pages, models, parallel
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -52,6 +52,7 @@ class StepReport:
     batch_size: int
     seconds_per_step: float
     cpu_seconds_per_step: float  # This process's CPU time: below cores x wall, others took some.
+    page_faults_per_step: int  # Minor faults: fresh memory touched (see `huge_pages`).
     compile_seconds: float
     flops_per_step: float
     peak_rss_bytes: int
@@ -151,20 +152,23 @@ def time_step(step: CompiledStep, state, *, steps: int, warmup: int) -> StepRepo
     """Runs `warmup` then `steps` steps from `state` (donated); the median step time."""
     if steps < 1 or warmup < 0:
         raise app.UsageError(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}.")
-    times, cpu_times = [], []
+    times, cpu_times, faults = [], [], []
     for i in range(warmup + steps):
         start, cpu_start = time.perf_counter(), time.process_time()
+        faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         state, metrics = step.executable(state, step.batch)
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start)
     if float(metrics["nonfinite_loss"]):
         raise RuntimeError("the benchmarked step produced a non-finite loss")
     return StepReport(
         batch_size=step.config.batch_size,
         seconds_per_step=statistics.median(times),
         cpu_seconds_per_step=statistics.median(cpu_times),
+        page_faults_per_step=round(statistics.median(faults)),
         compile_seconds=step.compile_seconds,
         flops_per_step=step.flops_per_step,
         peak_rss_bytes=peak_rss_bytes(),
@@ -197,6 +201,7 @@ def format_step_report(report: StepReport) -> str:
             f"images/s: {report.images_per_second:.3f}",
             f"seconds/step: {report.seconds_per_step:.4f} (median)",
             f"process CPU seconds/step: {report.cpu_seconds_per_step:.4f} (median)",
+            f"page faults/step: {report.page_faults_per_step} (median)",
             f"compile seconds: {report.compile_seconds:.1f}",
             f"model FLOPs/step: {report.flops_per_step:.4g}",
             f"GFLOP/image: {report.gflop_per_image:.1f}",
@@ -296,6 +301,7 @@ def main(argv):
     commands = argv[1:]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         raise app.UsageError(f"give one command, one of {COMMANDS}; got {commands}.")
+    huge_pages.reexec_with_huge_pages()  # As training does; may not return.
     config = FLAGS.config
     if commands[0] == "step":
         if config is None:

@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from faceage_jax import parallel
+from faceage_jax import huge_pages, parallel
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (or gs://).")
@@ -60,6 +60,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(LibraryInfoFilter())
+    huge_pages.reexec_with_huge_pages()  # Before JAX starts its threads; may not return.
     config = FLAGS.config
     parallel.choose_xla_cpu_scheduler(config)  # Before JAX starts its backends.
     initialize_distributed(config)

@@ -39,6 +39,7 @@ def test_a_young_and_old_pair_counts_as_one_image():
         batch_size=4,
         seconds_per_step=2.0,
         cpu_seconds_per_step=3.9,
+        page_faults_per_step=500,
         compile_seconds=10.0,
         flops_per_step=8e10,
         peak_rss_bytes=2**30,
@@ -59,6 +60,7 @@ def test_step_command_prints_every_figure():
     # The test config's global batch is 4.
     assert abs(figure(output, "images/s") - 4 / seconds) < 0.01 * 4 / seconds
     assert figure(output, "process CPU seconds/step") > 0
+    assert figure(output, "page faults/step") >= 0
     assert figure(output, "compile seconds") > 0
     flops = figure(output, "model FLOPs/step")
     # 32px, ngf/ndf 8: well under a GFLOP per image, but not nothing.

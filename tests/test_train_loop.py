@@ -208,8 +208,11 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, shared_dirs):
         text=True,
     )
     deadline = time.monotonic() + 600
-    # Orbax saves the first step of a fresh run; training is under way once it is there.
-    while 1 not in saved_steps(tmp_path) and run.poll() is None:
+    # Orbax saves the first step of a fresh run; training is under way once it is
+    # there. The first sample grid (step 3) compiles the sampler, seconds that a
+    # signal cannot interrupt: the bound below is for a run in its steady state.
+    samples = tmp_path / "samples"
+    while not (1 in saved_steps(tmp_path) and any(samples.glob("*.png"))) and run.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     time.sleep(1.0)
