@@ -7,7 +7,8 @@ Run, from the repository root:
 `step` prints images/s (a young+old pair counts as one image: images/s is the
 global batch over the seconds per step, as PyTorch's CycleGAN counts them),
 the median step time, compile time, the model FLOPs (see `model_flops`), the
-achieved GFLOP/s, peak RSS and the devices. `gpu` is the prepared accelerator
+achieved GFLOP/s, page faults per step (see `huge_pages`), peak RSS, the
+devices and the glibc tunables it ran with. `gpu` is the prepared accelerator
 table: the default config (or --config) at several batch sizes in float32 and
 bfloat16, with the model FLOP utilization against matrix-multiply peaks it
 measures itself.
@@ -17,6 +18,7 @@ runs on machines that carry just the accelerator stack.
 """
 
 import dataclasses
+import os
 import resource
 import statistics
 import time
@@ -301,13 +303,13 @@ def main(argv):
     commands = argv[1:]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         raise app.UsageError(f"give one command, one of {COMMANDS}; got {commands}.")
-    huge_pages.reexec_with_huge_pages()  # As training does; may not return.
     config = FLAGS.config
     if commands[0] == "step":
         if config is None:
             raise app.UsageError("`step` needs --config=configs/<name>.py.")
         parallel.choose_xla_cpu_scheduler(config)  # As training does.
         print(f"config: {describe_config(config)}", flush=True)
+        print(f"glibc tunables: {os.environ.get('GLIBC_TUNABLES') or '(none)'}", flush=True)
         print(format_step_report(measure_step(config, steps=FLAGS.steps, warmup=FLAGS.warmup)))
     else:
         gpu_table(
@@ -321,4 +323,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    huge_pages.reexec_with_huge_pages()  # Before flags are read; does not return if it restarts.
     app.run(main)

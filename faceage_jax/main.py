@@ -60,7 +60,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(LibraryInfoFilter())
-    huge_pages.reexec_with_huge_pages()  # Before JAX starts its threads; may not return.
     config = FLAGS.config
     parallel.choose_xla_cpu_scheduler(config)  # Before JAX starts its backends.
     initialize_distributed(config)
@@ -79,4 +78,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    huge_pages.reexec_with_huge_pages()  # Before flags are read; does not return if it restarts.
     app.run(main)
