@@ -8,8 +8,7 @@ allocation that large with a fresh `mmap`, so every step page-faults on each
 as transparent huge pages (2 MiB): ~440 faults per step, and the demo step ran
 10 % faster (three alternating pairs of `python -m faceage_jax.bench step
 --config configs/demo.py` runs, which print the faults per step: +10, +13 and
-0 %). The computation
-is the same; only the memory under it changes.
+0 %). The computation is the same; only the memory under it changes.
 
 glibc reads tunables only when a process starts, so the entry points call
 `reexec_with_huge_pages` before anything else (before flags, files or other
@@ -19,7 +18,8 @@ It restarts at most once, and not at all when `GLIBC_TUNABLES` already names
 `glibc.malloc.hugetlb` (`glibc.malloc.hugetlb=0` opts out, e.g. under a
 debugger), with another C library or a glibc older than 2.35, where the kernel's
 transparent huge pages are `never`, or when `JAX_PLATFORMS` leaves out the CPU.
-Standard library only: it runs before JAX is imported.
+Standard library only: it runs before flags are parsed and before JAX starts
+a backend.
 """
 
 import os
@@ -79,8 +79,8 @@ def reexec_with_huge_pages(
     Call it first in an entry point's `__main__` block. `argv` defaults to the
     interpreter's own command line (`sys.orig_argv`: `-m`, `-X` and the like
     included), run by this interpreter (`sys.executable`). Returns False when it
-    leaves the process as it is (a failed restart is logged and training goes
-    on without huge pages); a restart does not return. The other arguments are
+    leaves the process as it is (a failed restart is reported on stderr and
+    training goes on without huge pages); a restart does not return. The other arguments are
     for tests.
     """
     glibc = glibc_version() if glibc is None else glibc
