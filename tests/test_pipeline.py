@@ -228,6 +228,18 @@ def test_sample_faces_are_fixed_held_out_faces_per_domain(config):
     np.testing.assert_array_equal(faces["old"], again["old"])
 
 
+def test_pipelines_run_without_the_autotuning_thread(config):
+    # Deleting an iterator waits out that thread's current sleep, which grows with the
+    # iterator's age: a preempted run ended 25 s after its last checkpoint with it.
+    datasets = [
+        pipeline.create_train_dataset(config, process_index=0, process_count=1),
+        pipeline.create_eval_dataset(config, "young", process_index=0, process_count=1),
+    ]
+    for dataset in datasets:
+        assert dataset.options().autotune.enabled is False
+        assert dataset.options().deterministic is True
+
+
 def test_empty_domain_names_the_age_ranges_and_the_counts(config):
     empty_config = _with(config, young_age_min=117, young_age_max=120)
     with pytest.raises(ValueError, match="young domain is empty") as error:
