@@ -95,6 +95,36 @@ def _combine(parts: list[jax.Array], matrix: np.ndarray) -> list[jax.Array]:
     return combined
 
 
+@jax.custom_vjp
+def _tile_products(tiles: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`[T, N, C] x [T, C, D] -> [T, N, D]`: the 36 products of `winograd_conv3x3`.
+
+    Autodiff's kernel gradient contracts N, the major axis of both operands;
+    XLA:CPU runs that form with Eigen, on one thread at the demo's sizes
+    (36 x 128 x 128 x 128: 2.2 ms, against 1.5 ms as below). The backward pass
+    here transposes the tiles first, behind an optimization barrier so that
+    XLA cannot fold the transpose back into the product, which then goes to
+    YNNPACK like the forward products: the demo step ~2 % faster (in-process
+    alternating A/B of 30-60 steps: +1.8 to +3.5 %; 128px unchanged).
+    """
+    return jnp.einsum("tnc,tcd->tnd", tiles, kernel)
+
+
+def _tile_products_forward(tiles, kernel):
+    return _tile_products(tiles, kernel), (tiles, kernel)
+
+
+def _tile_products_backward(residuals, grad):
+    tiles, kernel = residuals
+    tiles_grad = jnp.einsum("tnd,tcd->tnc", grad, kernel)
+    transposed = lax.optimization_barrier(jnp.swapaxes(tiles, 1, 2))  # [T, C, N]
+    kernel_grad = jnp.einsum("tcn,tnd->tcd", transposed, grad)
+    return tiles_grad, kernel_grad
+
+
+_tile_products.defvjp(_tile_products_forward, _tile_products_backward)
+
+
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`lax.conv_general_dilated(x, kernel, (1, 1), 'VALID')` in NHWC/HWIO, by Winograd.
 
@@ -126,7 +156,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     for row in _combine(list(kernel), WINOGRAD_G):
         transformed_kernel.extend(_combine(list(row), WINOGRAD_G))
     kernel = jnp.stack(transformed_kernel)  # [36, C, D]
-    products = jnp.einsum("tnc,tcd->tnd", tiles, kernel)
+    products = _tile_products(tiles, kernel)
     products = products.reshape(size, size, batch, tiles_h, tiles_w, -1)
     # A^T m A, separably; then the 4x4 outputs of each tile back in place.
     outputs = []
