@@ -11,18 +11,17 @@ end the aged faces have grey hair and paler skin.
 
 import ml_collections
 
-from configs import default
+from faceage_jax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default.get_config()
+    config = defaults.get_config()
 
     config.dataset = "synthetic"
     config.data_dir = "workdir/tensorflow_datasets"
     config.num_synthetic_faces = 2000
     config.image_size = 64
     config.load_size = 72  # 64 * 286 / 256, rounded.
-    config.shuffle_buffer = 500
 
     config.ngf = 32
     config.ndf = 32

@@ -7,18 +7,17 @@ Run:
 
 import ml_collections
 
-from configs import default
+from faceage_jax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default.get_config()
+    config = defaults.get_config()
 
     config.dataset = "synthetic"
     config.data_dir = "workdir/tensorflow_datasets"
     config.num_synthetic_faces = 200
     config.image_size = 32
     config.load_size = 36
-    config.shuffle_buffer = 64
 
     config.ngf = 8
     config.ndf = 8

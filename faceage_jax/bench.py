@@ -31,11 +31,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from faceage_jax import cyclegan, huge_pages, models, parallel
+from faceage_jax import cyclegan, defaults, huge_pages, models, parallel
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Configuration file (`gpu` defaults to configs/default.py).", lock_config=True
+    "config",
+    None,
+    "Configuration file (`gpu` defaults to faceage_jax/defaults.py).",
+    lock_config=True,
 )
 flags.DEFINE_integer("steps", 5, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
@@ -293,12 +296,6 @@ def gpu_table(
     return lines
 
 
-def default_config() -> ml_collections.ConfigDict:
-    from configs import default  # The repository root is on sys.path under `python -m`.
-
-    return default.get_config()
-
-
 def main(argv):
     commands = argv[1:]
     if len(commands) != 1 or commands[0] not in COMMANDS:
@@ -313,7 +310,7 @@ def main(argv):
         print(format_step_report(measure_step(config, steps=FLAGS.steps, warmup=FLAGS.warmup)))
     else:
         gpu_table(
-            default_config() if config is None else config,
+            defaults.get_config() if config is None else config,
             [int(size) for size in FLAGS.batch_sizes],
             FLAGS.dtypes,
             steps=FLAGS.steps,

@@ -16,10 +16,11 @@ Layout on disk::
           _METADATA, _sharding,     per leaf). Arrays come back with the shardings
           manifest.ocdbt, d/, ...   of the abstract state given to the restore.
         data/                       Item `data` (`DataIteratorHandler`):
-          process_0/                what process 0's iterator wrote with `save`,
+          process_0/                what process 0's iterator wrote with `save`
+            position.json           (the training pipeline: faces drawn, ~60 bytes),
           process_1/ ...            one directory per process (host).
-      4000.orbax-checkpoint-tmp/    A save in progress, or cut short by a crash:
-                                    never read; a new manager deletes it.
+      4000.orbax-checkpoint-tmp-*/  A save in progress, or cut short by a crash:
+                                    never read; `close` or a new manager deletes it.
       3000.unreadable-<time>/       A checkpoint that failed to restore, moved
                                     aside when an older one was restored instead.
 
@@ -60,6 +61,8 @@ from jax.experimental import multihost_utils
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 CHECKPOINTS_SUBDIR = "checkpoints"
+# Orbax names a save in progress <step><suffix>-<time>.
+TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 
 PyTree = Any
 
@@ -338,6 +341,24 @@ def save(
         ),
         force=force,
     )
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """Waits for the saves under way and closes `manager`; a failed save leaves no trace.
+
+    Call it once at the end of a run, also one that dies (from a `finally`): the
+    saves that can complete do, so the last good checkpoint stays, and the
+    temporary directory of a save that failed is removed (a new manager would
+    remove it too, but a run that is never resumed would keep it).
+    """
+    try:
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+        if jax.process_index() == 0:
+            for partial in manager.directory.glob(f"*{TMP_DIR_SUFFIX}*"):
+                logging.warning("Removing %s, left by a save that failed.", partial)
+                partial.rmtree(missing_ok=True)
 
 
 def install_preemption_handler() -> None:

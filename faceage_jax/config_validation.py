@@ -5,8 +5,7 @@ Every error names the field, the value, what is expected, and how to fix it.
 
 import ml_collections
 
-from configs import default as default_config
-from faceage_jax import models, parallel
+from faceage_jax import defaults, models, parallel
 
 
 class ConfigError(ValueError):
@@ -23,18 +22,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_known_keys(config: ml_collections.ConfigDict) -> None:
-    known = set(default_config.get_config().keys())
+    known = set(defaults.get_config().keys())
     unknown = sorted(set(config.keys()) - known)
     if unknown:
         raise ConfigError(
             f"Unknown config field(s) {unknown}. Known fields are those of "
-            f"configs/default.py: {sorted(known)}. Check the spelling."
+            f"faceage_jax/defaults.py: {sorted(known)}. Check the spelling."
         )
     missing = sorted(known - set(config.keys()))
     if missing:
         raise ConfigError(
-            f"Config lacks field(s) {missing}; start configs from configs/default.py's "
-            "get_config() and override fields."
+            f"Config lacks field(s) {missing}; start configs from "
+            "faceage_jax.defaults.get_config() and override fields."
         )
 
 
@@ -51,7 +50,6 @@ def _check_positive(config: ml_collections.ConfigDict) -> None:
         "sample_every_steps",
         "checkpoint_every_steps",
         "keep_checkpoints",
-        "shuffle_buffer",
     ]:
         if not config[name] > 0:
             raise ConfigError(f"config.{name} must be positive, got {config[name]!r}.")

@@ -27,8 +27,9 @@ class TrainState(flax.struct.PyTreeNode):
     """Everything a training step reads and writes; also what a checkpoint holds.
 
     `pools` leaves carry a leading device axis ([num_devices, pool_size, H, W, 3]
-    in the global view): every device owns its pools. `rng` is raw uint32 key
-    data so that it checkpoints like any array.
+    in the global view): every device owns its pools; `pools` is empty when
+    `pool_size` is 0. `rng` is raw uint32 key data so that it checkpoints like
+    any array.
     """
 
     step: jax.Array
@@ -78,8 +79,11 @@ def create_train_state(
     discriminator_params = {
         name: discriminator.init(key, images) for name, key in zip(DOMAINS, keys[2:], strict=True)
     }
-    pool = image_pool.create(config.pool_size, image_shape)
-    pools = {name: jax.tree.map(lambda x: jnp.stack([x] * num_devices), pool) for name in DOMAINS}
+    pools = {}  # pool_size 0: no pools, nothing to store (Orbax refuses zero-size arrays).
+    if config.pool_size:
+        pool = image_pool.create(config.pool_size, image_shape)
+        stack = lambda x: jnp.stack([x] * num_devices)
+        pools = {name: jax.tree.map(stack, pool) for name in DOMAINS}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         generator_params=generator_params,
@@ -192,18 +196,18 @@ def train_step(
 
     rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     device_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
-    young_pool_key, old_pool_key = jax.random.split(device_key)
-    young_pool, pooled_fake_young = image_pool.query(
-        state.pools["young"], fake_young, young_pool_key
-    )
-    old_pool, pooled_fake_old = image_pool.query(state.pools["old"], fake_old, old_pool_key)
+    pool_keys = dict(zip(DOMAINS, jax.random.split(device_key), strict=True))
+    fakes = {"young": fake_young, "old": fake_old}
+    pools = {}
+    for domain, pool in state.pools.items():
+        pools[domain], fakes[domain] = image_pool.query(pool, fakes[domain], pool_keys[domain])
 
     (_, discriminator_metrics), discriminator_grads = jax.value_and_grad(
         discriminator_losses, has_aux=True
     )(
         discriminator_params,
         {"young": young, "old": old},
-        {"young": pooled_fake_young, "old": pooled_fake_old},
+        fakes,
         discriminator=discriminator,
     )
     discriminator_grads = jax.lax.pmean(discriminator_grads, axis_name)
@@ -223,7 +227,7 @@ def train_step(
         discriminator_params=new_discriminator_params,
         generator_opt_state=generator_opt_state,
         discriminator_opt_state=discriminator_opt_state,
-        pools={"young": young_pool, "old": old_pool},
+        pools=pools,
         rng=jax.random.key_data(rng),
     )
     return new_state, metrics

@@ -166,8 +166,7 @@ def train_and_evaluate(
                 break
     finally:
         # Also when the run dies: saves under way complete, so the last good checkpoint stays.
-        manager.wait_until_finished()
-        manager.close()
+        checkpointing.close(manager)
         writer.flush()
     return state
 

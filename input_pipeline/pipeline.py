@@ -2,13 +2,17 @@
 
 Both datasets go through the `utk_face` TFDS builder: real UTKFace is built from
 `config.manual_dir`, synthetic faces are generated into a folder first. Training
-reads this process's share of the train split, filters it into two age domains,
-shuffles the still-encoded records (so a checkpoint of the iterator stays small),
-then decodes, jitters and batches each domain. Each domain repeats forever and
-the two are zipped, so training never runs out of either.
+reads this process's share of the train split once, keeps each age domain's
+faces as JPEG bytes in memory, and draws them in a fresh random permutation per
+epoch of the domain, computed for each draw from (seed, position)
+(`draw_order`); then decodes, jitters and batches. Each domain draws forever
+and the two are zipped, so training never runs out of either. The data
+position is the number of faces drawn per domain: a checkpoint stores that one
+number, and a resumed run draws exactly the batches the uninterrupted one would.
 """
 
 import functools
+import json
 
 import jax
 import numpy as np
@@ -21,7 +25,7 @@ from input_pipeline import synthetic, utkface
 
 DOMAINS = ("young", "old")
 SYNTHETIC_FACES_SEED = 0  # Synthetic faces do not change with the training seed.
-_CHECKPOINT_NAME = "data_iterator"
+POSITION_FILE = "position.json"  # The data position in a checkpoint, per process.
 
 
 def age_ranges(config) -> dict[str, tuple[int, int]]:
@@ -99,7 +103,7 @@ def read_faces(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset
         split=split,
         decoders={"image": tfds.decode.SkipDecoding()},
         shuffle_files=False,
-        # A cache would put the whole dataset into the iterator checkpoint.
+        # Read once per run (training) or streamed (evaluation): nothing to cache.
         read_config=tfds.ReadConfig(try_autocache=False),
     )
 
@@ -180,12 +184,6 @@ def jitter(image: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
     return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
-def _train_image(seed: tf.Tensor, config, index: tf.Tensor, record: dict) -> tf.Tensor:
-    image = tf.io.decode_jpeg(record["image"], channels=3)
-    seed = tf.random.experimental.stateless_fold_in(seed, index)
-    return _to_unit_range(jitter(image, seed, config))
-
-
 def _eval_image(image_size: int, record: dict) -> dict:
     image = tf.io.decode_jpeg(record["image"], channels=3)
     image = tf.image.resize(image, [image_size] * 2, antialias=True)
@@ -195,9 +193,6 @@ def _eval_image(image_size: int, record: dict) -> dict:
 def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.deterministic = True
-    # Checkpoints keep the shuffle buffers of encoded records but not the decoded
-    # images in flight, which are recomputed on restore.
-    options.experimental_symbolic_checkpoint = True
     # No autotuning thread: deleting an iterator waits for that thread's current
     # sleep, whose period grows with the iterator's age (TF 2.21): 25 s at the end
     # of a run minutes long, a process that outlives its preemption notice. Without
@@ -214,69 +209,175 @@ def train_split(process_index: int, process_count: int) -> str:
     )
 
 
-def create_train_dataset(config, *, process_index=None, process_count=None) -> tf.data.Dataset:
-    """Endless host-local batches {'young': [B, H, W, 3], 'old': [B, H, W, 3]} in [-1, 1]."""
+def load_train_faces(config, *, process_index=None, process_count=None) -> dict[str, np.ndarray]:
+    """This process's training faces of each domain, still JPEG bytes, in stored order.
+
+    {'young': [N_young] bytes, 'old': [N_old] bytes}: a few tens of MB for all of
+    UTKFace, read once, so that any face can be drawn by its index.
+    """
     process_index, process_count = _process_defaults(process_index, process_count)
-    host_batch_size = _host_batch_size(config.batch_size, process_count)
-    builder = prepare_dataset(config)
     split = train_split(process_index, process_count)
-    counts = count_domain_faces(builder, split, config)
+    records = read_faces(prepare_dataset(config), split)
+    images, ages = [], []
+    for batch in records.map(lambda r: (r["image"], r["age"])).batch(4096).as_numpy_iterator():
+        images.append(batch[0])
+        ages.append(batch[1])
+    images = np.concatenate(images) if images else np.zeros([0], object)
+    ages = np.concatenate(ages) if ages else np.zeros([0], np.int32)
+    faces = {
+        domain: images[(ages >= low) & (ages <= high)]
+        for domain, (low, high) in age_ranges(config).items()
+    }
+    counts = {domain: len(faces[domain]) for domain in DOMAINS} | {"all": len(images)}
     _check_domains(counts, config, f"the train split of process {process_index}/{process_count}")
-    domains = {}
-    for domain_index, (domain, age_range) in enumerate(age_ranges(config).items()):
-        records = select_ages(read_faces(builder, split), age_range)
-        records = records.shuffle(
-            config.shuffle_buffer, seed=config.seed * len(DOMAINS) + domain_index
-        ).repeat()  # Reshuffled every epoch of this domain.
-        jitter_seed = tf.constant([config.seed, domain_index], tf.int64)
-        images = records.enumerate().map(
-            functools.partial(_train_image, jitter_seed, config),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        domains[domain] = images.batch(host_batch_size, drop_remainder=True)
+    return faces
+
+
+def draw_order(position: tf.Tensor, num_faces: int, seed: tf.Tensor) -> tf.Tensor:
+    """Index of the face a domain shows at `position` (its count of faces drawn so far).
+
+    Every epoch of the domain (`num_faces` draws) is its own random permutation of
+    the faces, a pure function of (seed, epoch): any position is computed directly,
+    which is what makes the data position a single number.
+    """
+    epoch_seed = tf.random.experimental.stateless_fold_in(seed, position // num_faces)
+    return tf.random.experimental.index_shuffle(position % num_faces, epoch_seed, num_faces - 1)
+
+
+def _domain_batches(
+    jpegs: np.ndarray, domain_index: int, host_batch_size: int, images_read: int, config
+) -> tf.data.Dataset:
+    """Endless batches of one domain, starting at its `images_read`-th draw."""
+    jpegs = tf.constant(jpegs, tf.string)
+    num_faces = int(jpegs.shape[0])
+    order_seed = tf.constant([config.seed, domain_index], tf.int64)
+    jitter_seed = tf.constant([config.seed, len(DOMAINS) + domain_index], tf.int64)
+
+    def image_at(position):
+        jpeg = tf.gather(jpegs, draw_order(position, num_faces, order_seed))
+        image = tf.io.decode_jpeg(jpeg, channels=3)
+        view_seed = tf.random.experimental.stateless_fold_in(jitter_seed, position)
+        return _to_unit_range(jitter(image, view_seed, config))
+
+    positions = tf.data.Dataset.range(images_read, np.iinfo(np.int64).max)
+    images = positions.map(image_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return images.batch(host_batch_size, drop_remainder=True)
+
+
+def train_dataset(
+    faces: dict[str, np.ndarray], host_batch_size: int, images_read: int, config
+) -> tf.data.Dataset:
+    """Endless host-local batches {'young': [B, H, W, 3], 'old': [B, H, W, 3]} in [-1, 1].
+
+    Each domain starts at its `images_read`-th draw; batch k of a run that started
+    at 0 equals batch k - images_read / B of one started at `images_read`.
+    """
+    domains = {
+        domain: _domain_batches(faces[domain], index, host_batch_size, images_read, config)
+        for index, domain in enumerate(DOMAINS)
+    }
     return _with_options(tf.data.Dataset.zip(domains).prefetch(tf.data.AUTOTUNE))
 
 
-class TrainIterator:
-    """Iterator over host-local numpy batches whose position can be saved and restored.
+class DataPositionError(ValueError):
+    """A saved data position that cannot be used: missing, malformed or not readable."""
 
-    The state is that of the tf.data iterator (shuffle buffers of encoded records,
-    counters), written with tf.train.Checkpoint to a local or gs:// directory.
+
+class TrainIterator:
+    """Host-local numpy batches whose position is one number: the faces drawn per domain.
+
+    What a batch holds is a pure function of (seed, position), so saving writes a
+    small JSON file and restoring rebuilds the pipeline at the saved position.
+    Restoring also reads the first batch, so a position that cannot yield one
+    fails at restore time, not a step later.
     """
 
-    def __init__(self, dataset: tf.data.Dataset):
-        self._iterator = iter(dataset)
-        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+    def __init__(self, faces: dict[str, np.ndarray], host_batch_size: int, config):
+        self._faces = faces
+        self._host_batch_size = host_batch_size
+        self._config = config
+        self._images_read = 0
+        self._iterator = None  # Built on first use, at the current position.
+        self._next_batch = None  # Read ahead by `restore`.
+
+    @property
+    def images_read(self) -> int:
+        """Faces of each domain handed out so far."""
+        return self._images_read
 
     def __iter__(self) -> "TrainIterator":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        batch = self._read() if self._next_batch is None else self._next_batch
+        self._next_batch = None
+        self._images_read += self._host_batch_size
+        return batch
+
+    def _read(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            dataset = train_dataset(
+                self._faces, self._host_batch_size, self._images_read, self._config
+            )
+            self._iterator = iter(dataset)
         return {domain: images.numpy() for domain, images in next(self._iterator).items()}
 
+    def _description(self) -> dict:
+        return {
+            "seed": self._config.seed,
+            "faces": {domain: len(jpegs) for domain, jpegs in self._faces.items()},
+        }
+
     def save(self, directory: epath.PathLike) -> None:
-        """Writes the iterator position into `directory` (created if missing)."""
+        """Writes the position into `directory`/position.json (the directory is created)."""
         directory = epath.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._checkpoint.write(str(directory / _CHECKPOINT_NAME))
+        position = {"images_read": self._images_read, **self._description()}
+        (directory / POSITION_FILE).write_text(json.dumps(position))
 
     def restore(self, directory: epath.PathLike) -> None:
-        """Moves the iterator to the position saved in `directory`."""
-        prefix = epath.Path(directory) / _CHECKPOINT_NAME
-        if not prefix.with_name(f"{_CHECKPOINT_NAME}.index").exists():
-            raise FileNotFoundError(
-                f"No data iterator checkpoint in {directory}: expected {prefix}.index, "
-                "written by TrainIterator.save."
+        """Moves to the position saved in `directory` and reads its first batch.
+
+        Raises DataPositionError if the file is missing or malformed.
+        """
+        path = epath.Path(directory) / POSITION_FILE
+        if not path.exists():
+            raise DataPositionError(
+                f"No data position in {directory}: expected {POSITION_FILE}, written by "
+                "TrainIterator.save. (Older checkpoints held a tf.data iterator state, "
+                "data_iterator.index, which is no longer read.)"
             )
-        self._checkpoint.read(str(prefix)).assert_consumed()
+        try:
+            position = json.loads(path.read_text())
+            images_read = position["images_read"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise DataPositionError(f"Malformed data position {path}: {error}") from error
+        if not isinstance(images_read, int) or isinstance(images_read, bool) or images_read < 0:
+            raise DataPositionError(
+                f"Malformed data position {path}: images_read={images_read!r}, expected a "
+                "non-negative integer."
+            )
+        if {key: position.get(key) for key in ("seed", "faces")} != self._description():
+            logging.warning(
+                "The data position in %s was saved for %s; this run has %s. Training goes on "
+                "from face %d of each domain, but not with the batches the saved run would "
+                "have drawn.",
+                path,
+                {key: position.get(key) for key in ("seed", "faces")},
+                self._description(),
+                images_read,
+            )
+        self._images_read = images_read
+        self._iterator = None
+        self._next_batch = self._read()
 
 
 def create_train_iterator(config, *, process_index=None, process_count=None) -> TrainIterator:
     """The training batches of this process; defaults to jax's process index and count."""
-    return TrainIterator(
-        create_train_dataset(config, process_index=process_index, process_count=process_count)
-    )
+    process_index, process_count = _process_defaults(process_index, process_count)
+    host_batch_size = _host_batch_size(config.batch_size, process_count)
+    faces = load_train_faces(config, process_index=process_index, process_count=process_count)
+    return TrainIterator(faces, host_batch_size, config)
 
 
 def create_eval_dataset(

@@ -201,6 +201,51 @@ def test_unreadable_newest_falls_back_to_the_one_before_with_a_warning(
     assert any("step 4" in message and str(newest) in message for message in warnings), warnings
 
 
+@pytest.fixture(scope="module")
+def pipeline_config(tmp_path_factory):
+    """The test config over its synthetic faces, built once."""
+    from input_pipeline import pipeline
+
+    config = test_config.get_config()
+    config.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    pipeline.prepare_dataset(config)
+    return config
+
+
+def test_corrupt_data_position_falls_back_at_restore_to_the_one_before(
+    tmp_path, caplog, open_manager, pipeline_config
+):
+    from input_pipeline import pipeline
+
+    def train_iterator():
+        return pipeline.create_train_iterator(pipeline_config, process_index=0, process_count=1)
+
+    iterator = train_iterator()
+    manager = open_manager()
+    for step in [2, 4]:
+        next(iterator)  # One batch per step.
+        next(iterator)
+        checkpointing.save(manager, step, state_init_fn(step)(), iterator)
+    manager.wait_until_finished()
+    position = tmp_path / "checkpoints" / "4" / "data" / "process_0" / "position.json"
+    position.write_bytes(b"\x00garbage")
+
+    abstract_state = jax.eval_shape(jitted_make_state(), jnp.int32(0))
+    with caplog.at_level(logging.WARNING):
+        state, restored, step = checkpointing.restore_or_initialize(
+            open_manager(), abstract_state, state_init_fn(0), train_iterator()
+        )
+
+    assert (step, int(state["step"]), restored.images_read) == (2, 2, 2 * 4)
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any("step 4" in m and "Malformed data position" in m for m in warnings), warnings
+    fresh = train_iterator()
+    expected = [next(fresh) for _ in range(3)][-1]  # The batch of step 3.
+    actual = next(restored)
+    for domain in expected:
+        np.testing.assert_array_equal(actual[domain], expected[domain])
+
+
 def test_after_a_fallback_the_unreadable_step_is_moved_aside_and_saved_again(
     tmp_path, open_manager
 ):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from faceage_jax import defaults as default_config
 from faceage_jax import models
 
 

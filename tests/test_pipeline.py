@@ -1,5 +1,6 @@
 """The tf.data pipeline on synthetic faces: domains, batches, determinism, processes, resume."""
 
+import json
 import pathlib
 import tarfile
 
@@ -108,7 +109,9 @@ def test_global_batch_must_divide_over_processes(config):
 
 
 def test_young_batches_hold_young_faces_and_old_batches_old(config):
-    batches = _take(pipeline.create_train_iterator(config, process_index=0, process_count=1), 5)
+    # Without the random crop, which can move skin into the measured hair patch.
+    uncropped = _with(config, load_size=config.image_size)
+    batches = _take(pipeline.create_train_iterator(uncropped, process_index=0, process_count=1), 5)
     scores = {
         domain: [synthetic.apparent_age(image) for batch in batches for image in batch[domain]]
         for domain in pipeline.DOMAINS
@@ -195,19 +198,56 @@ def test_iterator_resumes_where_it_was_saved(config, tmp_path):
     _assert_batches_equal(_take(restored, 4), expected)
 
 
-def test_iterator_checkpoint_holds_encoded_records_not_decoded_images(config, tmp_path):
+def test_iterator_resumed_again_and_again_draws_the_uninterrupted_batches(config, tmp_path):
+    # Each restored iterator is saved and restored in turn, as a run preempted many times.
+    uninterrupted = _take(
+        pipeline.create_train_iterator(config, process_index=0, process_count=1), 25
+    )
+    resumed = []
+    iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
+    for resume in range(6):
+        resumed += _take(iterator, 4)
+        iterator.save(tmp_path / str(resume))
+        iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
+        iterator.restore(tmp_path / str(resume))
+    resumed.append(next(iterator))
+    # 25 batches of 4 cross the epochs of both domains (57 and 63 faces).
+    _assert_batches_equal(resumed, uninterrupted)
+
+
+def test_iterator_position_is_the_number_of_faces_drawn_per_domain(config, tmp_path):
     iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
     _take(iterator, 3)
     iterator.save(tmp_path)
-    size = sum(path.stat().st_size for path in tmp_path.iterdir())
-    # Two shuffle buffers of at most 64 JPEGs of ~6 KB; decoded 200x200 floats would be 60 MB.
-    assert size < 2 * 64 * 12_000
+    saved = json.loads((tmp_path / "position.json").read_text())
+    assert saved["images_read"] == 3 * 4
+    assert (tmp_path / "position.json").stat().st_size < 200
+    assert [path.name for path in tmp_path.iterdir()] == ["position.json"]
 
 
-def test_restore_without_a_checkpoint_says_where_it_looked(config, tmp_path):
+def test_each_epoch_of_a_domain_shows_every_face_once_in_a_new_order():
+    seed = tf.constant([0, 1], tf.int64)
+    order = [int(pipeline.draw_order(tf.constant(p, tf.int64), 10, seed)) for p in range(30)]
+    epochs = [order[0:10], order[10:20], order[20:30]]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(10))
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_restore_without_a_position_says_where_it_looked(config, tmp_path):
     iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
-    with pytest.raises(FileNotFoundError, match="No data iterator checkpoint"):
+    with pytest.raises(pipeline.DataPositionError, match="No data position in .*position.json"):
         iterator.restore(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"faces": 3}', '{"images_read": -4}', '{"images_read": "12"}']
+)
+def test_malformed_position_is_refused_at_restore(config, tmp_path, content):
+    (tmp_path / "position.json").write_text(content)
+    iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
+    with pytest.raises(pipeline.DataPositionError, match="Malformed data position"):
+        iterator.restore(tmp_path)
 
 
 def test_eval_dataset_holds_held_out_faces_of_one_domain_without_jitter(config):
@@ -232,7 +272,9 @@ def test_pipelines_run_without_the_autotuning_thread(config):
     # Deleting an iterator waits out that thread's current sleep, which grows with the
     # iterator's age: a preempted run ended 25 s after its last checkpoint with it.
     datasets = [
-        pipeline.create_train_dataset(config, process_index=0, process_count=1),
+        pipeline.train_dataset(
+            pipeline.load_train_faces(config, process_index=0, process_count=1), 4, 0, config
+        ),
         pipeline.create_eval_dataset(config, "young", process_index=0, process_count=1),
     ]
     for dataset in datasets:

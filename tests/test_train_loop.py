@@ -55,11 +55,12 @@ def start_worker(
     port=0,
     devices=4,
     data="pipeline",
+    env=None,
 ):
     args = [workdir, shared_dirs["data_dir"], num_steps, process_id, num_processes, port, devices]
     return subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "tests" / "train_worker.py"), *map(str, args), data],
-        env=subprocess_env(shared_dirs),
+        env=subprocess_env(shared_dirs) | (env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -79,9 +80,16 @@ def saved_steps(workdir) -> list[int]:
     return sorted(int(path.name) for path in checkpoints.iterdir() if path.name.isdigit())
 
 
-def load_params(workdir) -> dict[str, np.ndarray]:
-    with np.load(epath.Path(workdir) / "final_params.npz") as params:
-        return dict(params)
+def load_final_state(workdir) -> dict[str, np.ndarray]:
+    """What tests/train_worker.py wrote: state leaves, network outputs, the next batch."""
+    with np.load(epath.Path(workdir) / "final_state.npz") as state:
+        return dict(state)
+
+
+def assert_bitwise_equal(actual, expected):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
 
 # --- Config validation, before anything is compiled -------------------------------------
@@ -160,30 +168,110 @@ def test_run_writes_checkpoints_tensorboard_logs_and_sample_grids(
     assert grids == ["step_00000002.png", "step_00000004.png"]
 
 
+def test_pool_size_zero_trains_saves_and_resumes(tmp_path, shared_dirs):
+    config = make_config(shared_dirs["data_dir"], pool_size=0, num_train_steps=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    config.num_train_steps = 4
+    state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 4
+    assert state.pools == {}
+    assert saved_steps(tmp_path) == [2, 4]
+
+
+class FailingSaves(RandomBatches):
+    """Random batches whose position cannot be saved from `fail_at_batch` on."""
+
+    def __init__(self, *args, fail_at_batch):
+        super().__init__(*args)
+        self.fail_at_batch = fail_at_batch
+
+    def save(self, directory):
+        if self.position >= self.fail_at_batch:
+            raise OSError("disk full (simulated)")
+        super().save(directory)
+
+
+def test_a_failed_save_leaves_no_partial_directory_and_the_last_good_checkpoint(
+    tmp_path, shared_dirs
+):
+    config = make_config(shared_dirs["data_dir"], num_train_steps=6)
+    batches = FailingSaves(config.batch_size, config.image_size, fail_at_batch=4)
+    with pytest.raises(OSError, match="disk full"):
+        train.train_and_evaluate(config, str(tmp_path), train_iterator=batches)
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+
+
 # --- Separate processes --------------------------------------------------------------------
 
 
-def test_resume_after_sigkill_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, shared_dirs):
-    steps = 8  # Checkpoints every 2 steps (test config).
-    uninterrupted = tmp_path / "uninterrupted"
-    finish(start_worker(shared_dirs, uninterrupted, steps))
+RESUMED_RUN_STEPS = 16  # Checkpoints every 2 steps (test config).
 
-    interrupted = tmp_path / "interrupted"
-    worker = start_worker(shared_dirs, interrupted, steps)
-    deadline = time.monotonic() + 600
-    while 4 not in saved_steps(interrupted) and worker.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint of step 4 in time"
-        time.sleep(0.05)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    assert worker.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (interrupted / "final_params.npz").exists()
-    finish(start_worker(shared_dirs, interrupted, steps))
 
-    expected, resumed = load_params(uninterrupted), load_params(interrupted)
-    assert expected.keys() == resumed.keys()
-    for name in expected:
-        np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, shared_dirs):
+    """The final state of a run of RESUMED_RUN_STEPS steps that nothing interrupted."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    finish(start_worker(shared_dirs, workdir, RESUMED_RUN_STEPS))
+    state = load_final_state(workdir)
+    # What the comparisons below cover: every part of the state, and the data position.
+    for part in ["generator_params", "discriminator_opt_state", "pools['old'].images", "rng"]:
+        assert any(name.startswith(f"state.{part}") for name in state), part
+    assert int(state["state.step"]) == RESUMED_RUN_STEPS
+    assert state["next_batch/young"].shape == (4, 32, 32, 3)
+    return state
+
+
+def test_resumed_again_and_again_ends_bitwise_equal_to_an_uninterrupted_run(
+    tmp_path, shared_dirs, uninterrupted_run
+):
+    for steps in range(4, RESUMED_RUN_STEPS + 1, 4):  # 4, then resumed to 8, 12 and 16.
+        output = finish(start_worker(shared_dirs, tmp_path, steps))
+        if steps > 4:
+            assert f"Restored the checkpoint of step {steps - 4} " in output, output[-3000:]
+    assert_bitwise_equal(load_final_state(tmp_path), uninterrupted_run)
+
+
+def wait_for(condition, process, what, timeout=600):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} in time"
+        time.sleep(0.005)
+
+
+def kill(process):
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def test_killed_at_random_points_and_during_a_save_ends_bitwise_equal(
+    tmp_path, shared_dirs, uninterrupted_run
+):
+    checkpoints = tmp_path / "checkpoints"
+    slow_saves = {"SLOW_DATA_SAVES": "0.3"}  # A window to kill a save in.
+
+    def saving():
+        return checkpoints.exists() and any(checkpoints.glob("*.orbax-checkpoint-tmp*"))
+
+    # 1. During the save of a checkpoint, after the first one.
+    worker = start_worker(shared_dirs, tmp_path, RESUMED_RUN_STEPS, env=slow_saves)
+    wait_for(lambda: saved_steps(tmp_path) and saving(), worker, "save after the first")
+    kill(worker)
+    assert saving(), "the kill was meant to cut a save short"
+    # 2., 3. At random times after the resumed run has saved a checkpoint of its own.
+    delays = np.random.default_rng(20261202).uniform(0.0, 1.0, size=2)
+    for delay in delays:
+        newest = max(saved_steps(tmp_path))
+        worker = start_worker(shared_dirs, tmp_path, RESUMED_RUN_STEPS, env=slow_saves)
+        wait_for(lambda n=newest: max(saved_steps(tmp_path)) > n, worker, "new checkpoint")
+        time.sleep(delay)
+        kill(worker)
+    assert max(saved_steps(tmp_path)) < RESUMED_RUN_STEPS, "the kills came too late"
+    finish(start_worker(shared_dirs, tmp_path, RESUMED_RUN_STEPS))
+
+    assert_bitwise_equal(load_final_state(tmp_path), uninterrupted_run)
+    assert not list(checkpoints.glob("*.orbax-checkpoint-tmp*"))
 
 
 def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, shared_dirs):

@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default as default_config
 from configs import test as test_config
 from faceage_jax import cyclegan, models, parallel
+from faceage_jax import defaults as default_config
 
 STEPS_PER_EPOCH = 10
 

@@ -4,17 +4,26 @@ python tests/train_worker.py WORKDIR DATA_DIR NUM_STEPS PROCESS_ID NUM_PROCESSES
 
 DATA is 'pipeline' (the tf.data pipeline on synthetic faces) or 'random'
 (`RandomBatches`: the same global batches whatever the process count). Process
-0 writes the final parameters, and the networks' outputs on fixed images, to
-WORKDIR/final_params.npz.
+0 writes WORKDIR/final_state.npz: every leaf of the final train state
+(parameters, optimizer states, pools, RNG, step), the networks' outputs on
+fixed images, and the next batch the data iterator would give. With
+SLOW_DATA_SAVES=SECONDS in the environment, each save of the data position
+waits that long first.
 """
 
 import os
 import sys
+import time
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+logging.set_verbosity(logging.INFO)  # Tests read what the run logs (on stderr).
+logging.use_absl_handler()
 
 workdir, data_dir = sys.argv[1:3]
 num_steps, process_id, num_processes, port, devices = map(int, sys.argv[3:8])
@@ -26,15 +35,24 @@ if num_processes > 1:
 
 from configs import test as test_config  # noqa: E402
 from faceage_jax import cyclegan, models, train  # noqa: E402
+from input_pipeline import pipeline  # noqa: E402
 from tests.random_batches import RandomBatches  # noqa: E402
 
 config = test_config.get_config()
 config.data_dir = data_dir
 config.num_train_steps = num_steps
 config.log_every_steps = 1
-batches = None
 if data == "random":
     batches = RandomBatches(config.batch_size, config.image_size, process_id, num_processes)
+else:
+    batches = pipeline.create_train_iterator(config)
+if os.environ.get("SLOW_DATA_SAVES"):
+    # Widens the window in which a checkpoint is being written, for tests that kill then.
+    save = batches.save
+    batches.save = lambda directory: (
+        time.sleep(float(os.environ["SLOW_DATA_SAVES"])),
+        save(directory),
+    )
 state = train.train_and_evaluate(config, workdir, train_iterator=batches)
 params = jax.device_get({**state.generator_params, **state.discriminator_params})
 # What the networks compute on fixed images: biases that feed instance norm do not
@@ -45,8 +63,13 @@ discriminator = models.create_discriminator(config)
 outputs = {name: generator.apply(params[name], images) for name in cyclegan.GENERATORS} | {
     f"{name}_scores": discriminator.apply(params[name], images) for name in cyclegan.DOMAINS
 }
+next_batch = next(batches)
+# Every process takes part: the pools are sharded over the devices of all processes.
+state = multihost_utils.process_allgather(state, tiled=True)
 if jax.process_index() == 0:
-    flat = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree.leaves_with_path(params)}
+    leaves = jax.tree.leaves_with_path(state)
+    flat = {f"state{jax.tree_util.keystr(path)}": np.asarray(leaf) for path, leaf in leaves}
     flat |= {f"outputs/{name}": np.asarray(value) for name, value in outputs.items()}
-    np.savez(os.path.join(workdir, "final_params.npz"), **flat)
+    flat |= {f"next_batch/{name}": np.asarray(value) for name, value in next_batch.items()}
+    np.savez(os.path.join(workdir, "final_state.npz"), **flat)
 print("done", flush=True)

@@ -1,0 +1,90 @@
+"""The package as pip installs it: no repository on the path, config files kept anywhere."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The project's wheel, built and installed (without dependencies) into a folder."""
+    root = tmp_path_factory.mktemp("installed")
+    # A copy of what a source distribution holds: setuptools builds inside the tree.
+    source = root / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ["faceage_jax", "input_pipeline"]:
+        shutil.copytree(REPO_ROOT / name, source / name, ignore=ignore)
+    for name in ["pyproject.toml", "README.md"]:
+        shutil.copy(REPO_ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", root / "wheel", source],
+        check=True,
+    )
+    (wheel,) = (root / "wheel").glob("faceage_jax-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", root / "site", wheel], check=True)
+    return root / "site"
+
+
+def run_elsewhere(installed, directory, *args, timeout=600):
+    """Runs Python in `directory` with the installed package first on its path."""
+    env = os.environ | {
+        "PYTHONPATH": str(installed),
+        "JAX_PLATFORMS": "cpu",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_wheel_holds_the_packages_and_no_repository_folders(installed):
+    names = sorted(path.name for path in installed.iterdir() if not path.name.endswith("-info"))
+    assert names == ["faceage_jax", "input_pipeline"]
+    assert (installed / "faceage_jax" / "defaults.py").exists()
+
+
+def test_installed_package_imports_without_the_repository(installed, tmp_path):
+    check = (
+        "import faceage_jax.train, input_pipeline.pipeline\n"
+        "print(faceage_jax.train.__file__)\n"
+        "import configs\n"
+    )
+    result = run_elsewhere(installed, tmp_path, "-c", check)
+    # The repository's `configs` folder is out of reach, as for any installed package...
+    assert "No module named 'configs'" in result.stderr, result.stderr[-3000:]
+    # ...and the training code came from the installed copy, not the checkout.
+    assert result.stdout.strip().startswith(str(installed)), result.stdout
+
+
+@pytest.mark.slow
+def test_installed_package_trains_with_a_config_file_from_another_folder(installed, tmp_path):
+    elsewhere = tmp_path / "my_project"
+    elsewhere.mkdir()
+    shutil.copy(REPO_ROOT / "configs" / "test.py", elsewhere / "my_config.py")
+    result = run_elsewhere(
+        installed,
+        elsewhere,
+        "-m",
+        "faceage_jax.main",
+        "--config",
+        "my_config.py",
+        "--workdir",
+        "run",
+        "--config.num_train_steps=1",
+        "--config.data_dir=tfds",
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert (elsewhere / "run" / "checkpoints" / "1" / "commit_success.txt").exists()
+    assert (elsewhere / "tfds").is_dir()  # Relative paths are the caller's, not the package's.
