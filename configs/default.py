@@ -16,5 +16,4 @@ from faceage_jax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = defaults.get_config()
-    return config
+    return defaults.get_config()

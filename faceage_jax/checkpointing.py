@@ -17,7 +17,7 @@ Layout on disk::
           manifest.ocdbt, d/, ...   of the abstract state given to the restore.
         data/                       Item `data` (`DataIteratorHandler`):
           process_0/                what process 0's iterator wrote with `save`
-            position.json           (the training pipeline: faces drawn, ~60 bytes),
+            position.json           (the training pipeline: faces drawn, ~70 bytes),
           process_1/ ...            one directory per process (host).
       4000.orbax-checkpoint-tmp-*/  A save in progress, or cut short by a crash:
                                     never read; `close` or a new manager deletes it.
