@@ -7,7 +7,7 @@ Run, from the repository root:
 `step` prints images/s (a young+old pair counts as one image: images/s is the
 global batch over the seconds per step, as PyTorch's CycleGAN counts them),
 the median step time, compile time, the model FLOPs (see `model_flops`), the
-achieved GFLOP/s, page faults per step (see `huge_pages`), peak RSS, the
+achieved GFLOP/s, page faults per step (see `runtime`), peak RSS, the
 devices and the glibc tunables it ran with. `gpu` is the prepared accelerator
 table: the default config (or --config) at several batch sizes in float32 and
 bfloat16, with the model FLOP utilization against matrix-multiply peaks it
@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from faceage_jax import cyclegan, defaults, huge_pages, models, parallel
+from faceage_jax import config_validation, cyclegan, defaults, parallel, runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -57,7 +57,7 @@ class StepReport:
     batch_size: int
     seconds_per_step: float
     cpu_seconds_per_step: float  # This process's CPU time: below cores x wall, others took some.
-    page_faults_per_step: int  # Minor faults: fresh memory touched (see `huge_pages`).
+    page_faults_per_step: int  # Minor faults: fresh memory touched (see `runtime`).
     compile_seconds: float
     flops_per_step: float
     peak_rss_bytes: int
@@ -120,7 +120,7 @@ def lower_step(config: ml_collections.ConfigDict, mesh) -> tuple:
             f"the benchmark times the jitted shard_map step; got config.parallelism="
             f"{config.parallelism!r}. Drop --config.parallelism or set it to 'shard_map'."
         )
-    parallel.check_batch_divides(config.batch_size, mesh.devices.size)
+    config_validation.validate(config, num_devices=mesh.devices.size)
     functions = cyclegan.create_step_functions(config, mesh, steps_per_epoch=1)
     batch = random_batch(config, mesh, config.seed)
     return config, functions, batch, functions.step.lower(functions.abstract_state, batch)
@@ -141,16 +141,17 @@ def model_flops(config: ml_collections.ConfigDict, batch) -> float:
 
     Counted by XLA on the step as written, before optimization: direct
     convolutions and the residual blocks as a loop. That is the figure a
-    PyTorch FLOP counter gives for the same step (469 GFLOP per image at 128px).
+    PyTorch FLOP counter gives for the same step (README, "Benchmarks").
     The step that runs is not counted: Winograd convolutions do the same work
     in fewer FLOPs, XLA counts a scan's body once, and after optimization GPUs
     hide convolutions in cuDNN calls that XLA does not count.
     """
     config = config.copy_and_resolve_references()
     config.residual_convs = "direct"
-    with models.residual_blocks_as_loop():
-        functions = cyclegan.create_step_functions(config, parallel.create_mesh(), 1)
-        return xla_flops(functions.step.lower(functions.abstract_state, batch))
+    generator, discriminator = cyclegan.create_networks(config)
+    networks = cyclegan.Networks(generator.clone(scan_blocks=False), discriminator)
+    functions = cyclegan.create_step_functions(config, parallel.create_mesh(), 1, networks=networks)
+    return xla_flops(functions.step.lower(functions.abstract_state, batch))
 
 
 def time_step(step: CompiledStep, state, *, steps: int, warmup: int) -> StepReport:
@@ -188,7 +189,7 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int, warmup: int) 
     step = compile_step(lower_step(config, mesh), mesh.devices.size)
     state = step.functions.init(jax.random.key(config.seed))
     jax.block_until_ready(state)
-    parallel.release_freed_memory()  # As training does: the compilers' memory goes back.
+    runtime.release_freed_memory()  # As training does: the compilers' memory goes back.
     return time_step(step, state, steps=steps, warmup=warmup)
 
 
@@ -254,8 +255,8 @@ def gpu_table(
     """The accelerator table, printed line by line as each row finishes.
 
     Rows start from one initial state (it depends on neither the batch size nor
-    the compute dtype). On an H200 each row's compilation, with convolution
-    autotuning, takes 20 to 40 s: most of the table's time.
+    the compute dtype). Each row's compilation, with convolution autotuning,
+    takes most of the table's time.
     """
     lines = []
 
@@ -304,7 +305,7 @@ def main(argv):
     if commands[0] == "step":
         if config is None:
             raise app.UsageError("`step` needs --config=configs/<name>.py.")
-        parallel.choose_xla_cpu_scheduler(config)  # As training does.
+        runtime.choose_xla_cpu_scheduler(config)  # As training does.
         print(f"config: {describe_config(config)}", flush=True)
         print(f"glibc tunables: {os.environ.get('GLIBC_TUNABLES') or '(none)'}", flush=True)
         print(format_step_report(measure_step(config, steps=FLAGS.steps, warmup=FLAGS.warmup)))
@@ -320,5 +321,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    huge_pages.reexec_with_huge_pages()  # Before flags are read; does not return if it restarts.
+    runtime.reexec_with_huge_pages()  # Before flags are read; does not return if it restarts.
     app.run(main)

@@ -17,7 +17,7 @@ Layout on disk::
           manifest.ocdbt, d/, ...   of the abstract state given to the restore.
         data/                       Item `data` (`DataIteratorHandler`):
           process_0/                what process 0's iterator wrote with `save`
-            position.json           (the training pipeline: faces drawn, ~70 bytes),
+            position.json           (the training pipeline: faces drawn).
           process_1/ ...            one directory per process (host).
       4000.orbax-checkpoint-tmp-*/  A save in progress, or cut short by a crash:
                                     never read; `close` or a new manager deletes it.
@@ -38,8 +38,8 @@ Preemption: with several processes, `jax.distributed` catches SIGTERM and its
 preemption sync manager picks the step at which all hosts save (Orbax's
 `reached_preemption`). A single process has no such manager, so
 `install_preemption_handler` installs a SIGTERM handler that only records the
-request; `preemption_requested` reports either. The loop then saves with
-`force=True`, waits for the save and exits.
+request; `preemption_requested` reports either. The loop then saves, waits for
+the save and exits.
 """
 
 import dataclasses
@@ -144,7 +144,6 @@ def create_checkpoint_manager(
     workdir: str | os.PathLike, config: ml_collections.ConfigDict
 ) -> ocp.CheckpointManager:
     """Returns an asynchronous manager of `workdir/checkpoints/` with the config's policies."""
-    _check_checkpoint_config(config)
     preservation_policies = [ocp.checkpoint_managers.LatestN(n=config.keep_checkpoints)]
     if config.keep_checkpoints_every_steps:
         preservation_policies.append(
@@ -168,37 +167,19 @@ def create_checkpoint_manager(
     )
 
 
-def _check_checkpoint_config(config: ml_collections.ConfigDict) -> None:
-    if config.checkpoint_every_steps < 1:
-        raise ValueError(
-            f"config.checkpoint_every_steps={config.checkpoint_every_steps}: it must be at least "
-            "1 (the number of steps between checkpoints)."
-        )
-    if config.keep_checkpoints < 1:
-        raise ValueError(
-            f"config.keep_checkpoints={config.keep_checkpoints}: at least the newest checkpoint "
-            "must be kept for training to resume; set it to 1 or more."
-        )
-    if config.keep_checkpoints_every_steps < 0:
-        raise ValueError(
-            f"config.keep_checkpoints_every_steps={config.keep_checkpoints_every_steps}: use a "
-            "positive number of steps, or 0 to keep only the newest checkpoints."
-        )
-
-
 def restore_or_initialize(
     manager: ocp.CheckpointManager,
     abstract_state: PyTree,
     init_fn: Callable[[], PyTree],
     data_iterator: CheckpointableIterator,
-) -> tuple[PyTree, CheckpointableIterator, int | None]:
+) -> tuple[PyTree, int | None]:
     """Restores the newest readable checkpoint, or calls `init_fn` if there is none.
 
     `abstract_state` is the state's structure with `jax.ShapeDtypeStruct` leaves
     that carry the target shardings (`jax.eval_shape` of a jitted init with
     `out_shardings` gives it); restored arrays get those shardings. The data
-    iterator is moved to the saved position in place. Returns the state, the
-    iterator and the restored step (None when initialized).
+    iterator is moved to the saved position in place. Returns the state and the
+    restored step (None when initialized).
 
     A checkpoint that cannot be read is skipped with a warning that names it, and
     the one before is tried; if an older one is restored, the unreadable newer ones
@@ -243,7 +224,7 @@ def restore_or_initialize(
             DATA_ITEM,
             jax.process_index(),
         )
-        return state, data_iterator, step
+        return state, step
     if failures:
         raise UnreadableCheckpointsError(
             f"None of the {len(failures)} checkpoints in {manager.directory} can be read:\n  "
@@ -252,7 +233,7 @@ def restore_or_initialize(
             "wrote them, or move the directory away to train from scratch."
         ) from last_error
     logging.info("No checkpoint in %s: initializing a new train state.", manager.directory)
-    return init_fn(), data_iterator, None
+    return init_fn(), None
 
 
 def _true_on_all_processes(value: bool) -> bool:
@@ -312,25 +293,17 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
 
 
 def save(
-    manager: ocp.CheckpointManager,
-    step: int,
-    state: PyTree,
-    data_iterator: CheckpointableIterator,
-    *,
-    force: bool = False,
+    manager: ocp.CheckpointManager, step: int, state: PyTree, data_iterator: CheckpointableIterator
 ) -> bool:
-    """Starts saving `state` and the iterator position if the policy (or `force`) says so.
+    """Starts saving `state` and the iterator position as the checkpoint of `step`.
 
-    Call it at every step on every process: it is where Orbax checks whether the
-    hosts have reached the preemption step. After a SIGTERM caught by
-    `install_preemption_handler`, every step is saved. The arrays are written in
-    the background; the iterator is saved before this returns. Returns whether a
-    save was started; a step already saved is not saved again.
+    The caller decides when (`manager.should_save(step)`, the last step, or
+    `preemption_requested`); every process calls it at the same step. The arrays
+    are written in the background; the iterator is saved before this returns.
+    Returns whether a save was started: a step already saved is not saved again.
     """
     if step in manager.all_steps():
         return False
-    # On a single process, Orbax cannot see a SIGTERM: force the save it would do itself.
-    force = force or _sigterm_received.is_set()
     return manager.save(
         step,
         args=ocp.args.Composite(
@@ -339,7 +312,7 @@ def save(
                 DATA_ITEM: DataIteratorSave(data_iterator),
             }
         ),
-        force=force,
+        force=True,
     )
 
 
@@ -384,7 +357,7 @@ def _record_sigterm(signum, frame) -> None:
 
 
 def preemption_requested(manager: ocp.CheckpointManager, step: int) -> bool:
-    """Whether training must save `step` now (`save(..., force=True)`) and stop.
+    """Whether training must save `step` now and stop.
 
     True after a SIGTERM caught by `install_preemption_handler`, or when all
     hosts have reached the preemption step chosen by JAX.

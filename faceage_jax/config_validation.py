@@ -1,24 +1,43 @@
-"""Checks a training config before anything is built or compiled.
+"""Every rule a config must follow, checked before anything is built or compiled.
 
-Every error names the field, the value, what is expected, and how to fix it.
+The one home of config rules: the modules that read a config trust it. Every
+error is a `ConfigError` that names the field, the value, what is expected, and
+how to fix it.
 """
 
 import ml_collections
 
-from faceage_jax import defaults, models, parallel
+from faceage_jax import cyclegan, defaults, parallel
 
 
 class ConfigError(ValueError):
     """A config value the training job cannot run with."""
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError on the first problem found in `config`."""
+def validate(
+    config: ml_collections.ConfigDict,
+    *,
+    num_devices: int | None = None,
+    num_processes: int | None = None,
+) -> None:
+    """Raises ConfigError on the first problem found in `config`.
+
+    With `num_devices` and `num_processes` (all of the job's), also checks that
+    the global batch divides over them.
+    """
     _check_known_keys(config)
     _check_positive(config)
+    _check_checkpoints(config)
     _check_choices(config)
     _check_image_size(config)
     _check_age_ranges(config)
+    for count, what in [(num_devices, "devices"), (num_processes, "processes")]:
+        if count is not None and config.batch_size % count:
+            raise ConfigError(
+                f"config.batch_size={config.batch_size} (the global batch) must be a multiple "
+                f"of the number of {what} ({count}); set --config.batch_size to a multiple "
+                f"of {count}."
+            )
 
 
 def _check_known_keys(config: ml_collections.ConfigDict) -> None:
@@ -48,8 +67,7 @@ def _check_positive(config: ml_collections.ConfigDict) -> None:
         "n_disc_layers",
         "log_every_steps",
         "sample_every_steps",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
+        "num_sample_faces",
     ]:
         if not config[name] > 0:
             raise ConfigError(f"config.{name} must be positive, got {config[name]!r}.")
@@ -61,7 +79,6 @@ def _check_positive(config: ml_collections.ConfigDict) -> None:
         "lambda_identity",
         "num_epochs",
         "num_decay_epochs",
-        "keep_checkpoints_every_steps",
     ]:
         if not config[name] >= 0:
             raise ConfigError(f"config.{name} must be >= 0, got {config[name]!r}.")
@@ -84,9 +101,35 @@ def _check_positive(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_checkpoints(config: ml_collections.ConfigDict) -> None:
+    if not config.checkpoint_every_steps >= 1:
+        raise ConfigError(
+            f"config.checkpoint_every_steps={config.checkpoint_every_steps}: it must be at least "
+            "1 (the number of steps between checkpoints)."
+        )
+    if not config.keep_checkpoints >= 1:
+        raise ConfigError(
+            f"config.keep_checkpoints={config.keep_checkpoints}: at least the newest checkpoint "
+            "must be kept for training to resume; set it to 1 or more."
+        )
+    if not config.keep_checkpoints_every_steps >= 0:
+        raise ConfigError(
+            f"config.keep_checkpoints_every_steps={config.keep_checkpoints_every_steps}: use a "
+            "positive number of steps, or 0 to keep only the newest checkpoints."
+        )
+
+
 def _check_choices(config: ml_collections.ConfigDict) -> None:
-    models.compute_dtype(config)  # Raises with the supported dtypes.
-    models.use_winograd(config)  # Raises with the supported algorithms.
+    if config.compute_dtype not in cyclegan.COMPUTE_DTYPES:
+        raise ConfigError(
+            f"config.compute_dtype={config.compute_dtype!r} is not supported; "
+            f"use one of {sorted(cyclegan.COMPUTE_DTYPES)}."
+        )
+    if config.residual_convs not in cyclegan.RESIDUAL_CONVS:
+        raise ConfigError(
+            f"config.residual_convs={config.residual_convs!r} is not supported; "
+            f"use one of {list(cyclegan.RESIDUAL_CONVS)}."
+        )
     if config.parallelism not in parallel.PARALLELISMS:
         raise ConfigError(
             f"config.parallelism={config.parallelism!r}; use one of {parallel.PARALLELISMS}."

@@ -3,13 +3,17 @@
 Needs only jax, flax and optax (no TensorFlow), so benchmarks and accelerator
 checks can import it on machines that carry just the accelerator stack.
 
+`create_networks` builds the two networks from a config and `create_step_functions`
+compiles the initial state and the step over a mesh: the one wiring that
+training, the benchmark and the tests share.
+
 Domain A is young faces, domain B old faces. `young_to_old` and `old_to_young`
 are the two generators; the `young` discriminator tells real young faces from
 `old_to_young` outputs, the `old` one real old faces from `young_to_old` outputs.
 """
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -21,6 +25,48 @@ from faceage_jax import image_pool, losses, models, parallel
 
 GENERATORS = ("young_to_old", "old_to_young")
 DOMAINS = ("young", "old")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+RESIDUAL_CONVS = ("auto", "winograd", "direct")
+
+
+class Networks(NamedTuple):
+    """The network definitions; both generators share one, both discriminators the other."""
+
+    generator: models.ResnetGenerator
+    discriminator: models.PatchDiscriminator
+
+
+def use_winograd(config: ml_collections.ConfigDict) -> bool:
+    """Whether `config.residual_convs` runs the residual blocks' convs by Winograd here.
+
+    'auto' picks it on CPU in float32, where XLA's convolutions run near the
+    machine's peak and 4x fewer multiplications make the step faster. On GPUs and
+    TPUs the convolution libraries are left to choose their own algorithms.
+    """
+    if config.residual_convs == "auto":
+        return jax.default_backend() == "cpu" and config.compute_dtype == "float32"
+    return config.residual_convs == "winograd"
+
+
+def create_networks(config: ml_collections.ConfigDict) -> Networks:
+    """The generator and discriminator that `config` describes (a validated config)."""
+    dtype = COMPUTE_DTYPES[config.compute_dtype]
+    winograd = use_winograd(config)
+    generator = models.ResnetGenerator(
+        ngf=config.ngf,
+        n_res_blocks=config.n_res_blocks,
+        n_downsample=config.n_downsample,
+        dtype=dtype,
+        winograd=winograd,
+        # XLA:CPU emits a convolution's gradient inside a loop body as a naive
+        # elemental loop (jax-ml/jax#12868), many times slower; Winograd's matrix
+        # products are not affected. So direct convolutions loop on CPU.
+        scan_blocks=winograd or jax.default_backend() != "cpu",
+    )
+    discriminator = models.PatchDiscriminator(
+        ndf=config.ndf, n_layers=config.n_disc_layers, dtype=dtype
+    )
+    return Networks(generator, discriminator)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -57,27 +103,28 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
 def create_optimizer(
     config: ml_collections.ConfigDict, learning_rate_fn
 ) -> optax.GradientTransformation:
+    """Adam as the reference uses it; each of the four networks has its own state."""
     return optax.adam(learning_rate_fn, b1=config.adam_b1, b2=config.adam_b2)
 
 
 def create_train_state(
     config: ml_collections.ConfigDict,
     rng: jax.Array,
-    generator_tx: optax.GradientTransformation,
-    discriminator_tx: optax.GradientTransformation,
+    networks: Networks,
+    optimizer: optax.GradientTransformation,
     num_devices: int,
 ) -> TrainState:
     """A fresh state; wrap in `jax.eval_shape` for the abstract state (restore, shardings)."""
     image_shape = (config.image_size, config.image_size, 3)
     images = jnp.zeros((1, *image_shape), jnp.float32)
-    generator = models.create_generator(config)
-    discriminator = models.create_discriminator(config)
     rng, *keys = jax.random.split(rng, 5)
     generator_params = {
-        name: generator.init(key, images) for name, key in zip(GENERATORS, keys[:2], strict=True)
+        name: networks.generator.init(key, images)
+        for name, key in zip(GENERATORS, keys[:2], strict=True)
     }
     discriminator_params = {
-        name: discriminator.init(key, images) for name, key in zip(DOMAINS, keys[2:], strict=True)
+        name: networks.discriminator.init(key, images)
+        for name, key in zip(DOMAINS, keys[2:], strict=True)
     }
     pools = {}  # pool_size 0: no pools, nothing to store (Orbax refuses zero-size arrays).
     if config.pool_size:
@@ -88,16 +135,14 @@ def create_train_state(
         step=jnp.zeros((), jnp.int32),
         generator_params=generator_params,
         discriminator_params=discriminator_params,
-        generator_opt_state=generator_tx.init(generator_params),
-        discriminator_opt_state=discriminator_tx.init(discriminator_params),
+        generator_opt_state=optimizer.init(generator_params),
+        discriminator_opt_state=optimizer.init(discriminator_params),
         pools=pools,
         rng=jax.random.key_data(rng),
     )
 
 
-def generator_losses(
-    generator_params, discriminator_params, young, old, *, generator, discriminator, config
-):
+def generator_losses(generator_params, discriminator_params, young, old, *, networks, config):
     """Generator objective with the discriminators held fixed.
 
     Returns (total, (metrics, fake_old, fake_young)). Each generator runs once on
@@ -105,7 +150,7 @@ def generator_losses(
     on, its identity input: instance norm is per image, so batching them is exact.
     """
     num = young.shape[0]
-    apply = generator.apply
+    apply, discriminator = networks.generator.apply, networks.discriminator
     use_identity = config.lambda_identity > 0
     to_old_input = jnp.concatenate([young, old]) if use_identity else young
     to_young_input = jnp.concatenate([old, young]) if use_identity else old
@@ -153,9 +198,9 @@ def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     *,
+    networks: Networks,
+    optimizer: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
-    generator_tx: optax.GradientTransformation,
-    discriminator_tx: optax.GradientTransformation,
     learning_rate_fn,
     axis_name: str = parallel.AXIS,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -166,8 +211,6 @@ def train_step(
     the generators' fakes drawn through this device's image pools. Gradients
     and metrics are averaged over `axis_name`.
     """
-    generator = models.create_generator(config)
-    discriminator = models.create_discriminator(config)
     young, old = batch["young"], batch["old"]
 
     # Parameters arrive replicated (unvarying over the axis). Differentiating
@@ -184,12 +227,11 @@ def train_step(
         discriminator_params,
         young,
         old,
-        generator=generator,
-        discriminator=discriminator,
+        networks=networks,
         config=config,
     )
     generator_grads = jax.lax.pmean(generator_grads, axis_name)
-    updates, generator_opt_state = generator_tx.update(
+    updates, generator_opt_state = optimizer.update(
         generator_grads, state.generator_opt_state, state.generator_params
     )
     new_generator_params = optax.apply_updates(state.generator_params, updates)
@@ -208,10 +250,10 @@ def train_step(
         discriminator_params,
         {"young": young, "old": old},
         fakes,
-        discriminator=discriminator,
+        discriminator=networks.discriminator,
     )
     discriminator_grads = jax.lax.pmean(discriminator_grads, axis_name)
-    updates, discriminator_opt_state = discriminator_tx.update(
+    updates, discriminator_opt_state = optimizer.update(
         discriminator_grads, state.discriminator_opt_state, state.discriminator_params
     )
     new_discriminator_params = optax.apply_updates(state.discriminator_params, updates)
@@ -233,27 +275,35 @@ def train_step(
     return new_state, metrics
 
 
-class StepFunctions(flax.struct.PyTreeNode):
-    """What the loop needs to run steps: compiled init and step, and the schedule."""
+class StepFunctions(NamedTuple):
+    """What the loop needs to run steps: the compiled init and step, and the state's shape."""
 
-    init: Any = flax.struct.field(pytree_node=False)
-    step: Any = flax.struct.field(pytree_node=False)
-    abstract_state: Any = flax.struct.field(pytree_node=False)
-    learning_rate_fn: Any = flax.struct.field(pytree_node=False)
+    init: Any  # rng -> state, with the state's shardings.
+    step: Any  # (state, global batch) -> (state, metrics); the state is donated.
+    abstract_state: Any  # ShapeDtypeStructs with the shardings, for a restore.
 
 
 def create_step_functions(
-    config: ml_collections.ConfigDict, mesh, steps_per_epoch: int
+    config: ml_collections.ConfigDict,
+    mesh,
+    steps_per_epoch: int,
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+    networks: Networks | None = None,
 ) -> StepFunctions:
-    """Compiled `init(rng) -> state` and `step(state, batch) -> (state, metrics)` over `mesh`."""
+    """Compiled `init(rng) -> state` and `step(state, batch) -> (state, metrics)` over `mesh`.
+
+    `optimizer` (default: `create_optimizer`) and `networks` (default:
+    `create_networks(config)`) replace the config's, for tests and benchmarks.
+    """
     learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-    generator_tx = create_optimizer(config, learning_rate_fn)
-    discriminator_tx = create_optimizer(config, learning_rate_fn)
+    optimizer = optimizer or create_optimizer(config, learning_rate_fn)
+    networks = networks or create_networks(config)
     init = functools.partial(
         create_train_state,
         config,
-        generator_tx=generator_tx,
-        discriminator_tx=discriminator_tx,
+        networks=networks,
+        optimizer=optimizer,
         num_devices=mesh.devices.size,
     )
     abstract_state = jax.eval_shape(init, jax.random.key(0))
@@ -265,14 +315,13 @@ def create_step_functions(
     )
     per_device_step = functools.partial(
         train_step,
+        networks=networks,
+        optimizer=optimizer,
         config=config,
-        generator_tx=generator_tx,
-        discriminator_tx=discriminator_tx,
         learning_rate_fn=learning_rate_fn,
     )
     return StepFunctions(
         init=jax.jit(init, out_shardings=shardings),
         step=parallel.launch(per_device_step, mesh, abstract_state, config.parallelism),
         abstract_state=abstract_state,
-        learning_rate_fn=learning_rate_fn,
     )

@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from faceage_jax import huge_pages, parallel
+from faceage_jax import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (or gs://).")
@@ -61,7 +61,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(LibraryInfoFilter())
     config = FLAGS.config
-    parallel.choose_xla_cpu_scheduler(config)  # Before JAX starts its backends.
+    runtime.choose_xla_cpu_scheduler(config)  # Before JAX starts its backends.
     initialize_distributed(config)
     # TensorFlow (input pipeline only) must not take accelerator memory from JAX.
     import tensorflow as tf
@@ -71,6 +71,7 @@ def main(argv):
 
     from faceage_jax import train
 
+    runtime.enable_compilation_cache(train.absolute_path(FLAGS.workdir) / "compilation_cache")
     logging.info(
         "Process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
@@ -78,5 +79,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    huge_pages.reexec_with_huge_pages()  # Before flags are read; does not return if it restarts.
+    runtime.reexec_with_huge_pages()  # Before flags are read; does not return if it restarts.
     app.run(main)

@@ -12,12 +12,9 @@ Layout of the global state: everything is replicated except the image pools,
 whose leaves carry a leading device axis sharded over 'data'.
 """
 
-import ctypes
-import os
 from collections.abc import Callable, Mapping
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -53,15 +50,6 @@ def global_batch(mesh: Mesh, host_batch: Mapping[str, np.ndarray]) -> dict[str, 
     }
 
 
-def check_batch_divides(batch_size: int, num_devices: int) -> None:
-    if batch_size <= 0 or batch_size % num_devices:
-        raise ValueError(
-            f"batch_size={batch_size} (the global batch) must be a positive multiple of the "
-            f"number of devices ({num_devices}); set --config.batch_size to a multiple of "
-            f"{num_devices}."
-        )
-
-
 def _per_device_pools(fn: Callable) -> Callable:
     """Adapts `fn(state, batch)` that sees one pool to shard_map's view of `[1, ...]` pools."""
 
@@ -71,45 +59,6 @@ def _per_device_pools(fn: Callable) -> Callable:
         return state.replace(pools=jax.tree.map(lambda x: x[None], state.pools)), metrics
 
     return wrapped
-
-
-# Per-process images x pixels from which XLA:CPU's memory-minimizing scheduler is used.
-LARGE_STEP_PIXELS = 4 * 128 * 128
-SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
-
-
-def choose_xla_cpu_scheduler(config: ml_collections.ConfigDict, environ=os.environ) -> bool:
-    """Picks XLA:CPU's operation scheduler for `config`'s step; True if it set one.
-
-    XLA:CPU's default scheduler runs independent operations side by side: that
-    keeps the cores busy when operations are small (batch 1 at 128x128: ~25 %
-    faster than without) but keeps more buffers alive. From 4 images of 128x128
-    per process single operations fill the cores, and the memory-minimizing
-    scheduler is as fast and needs ~0.4 GiB less at batch 4. Adds the flag to
-    `XLA_FLAGS` unless the user set it; XLA reads it when JAX starts its CPU
-    backend, so call this before anything touches a device. No effect on GPUs/TPUs.
-    """
-    if SCHEDULER_FLAG in environ.get("XLA_FLAGS", ""):
-        return False
-    processes = max(config.num_processes, 1)
-    if config.batch_size // processes * config.image_size**2 < LARGE_STEP_PIXELS:
-        return False
-    environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {SCHEDULER_FLAG}=false".strip()
-    return True
-
-
-def release_freed_memory() -> None:
-    """Returns memory the allocator holds but no longer uses (the XLA compiler's) to the OS.
-
-    After compiling the training step glibc keeps ~0.5 GiB of freed compiler
-    memory mapped; trimming it lowers the training process's peak memory by as
-    much. A no-op where glibc is not the C library.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
 
 
 def launch(per_device_step: Callable, mesh: Mesh, abstract_state, parallelism: str) -> Callable:

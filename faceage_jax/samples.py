@@ -7,7 +7,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from faceage_jax import models
+from faceage_jax import cyclegan, models
 
 # Grid rows, top to bottom. (jax returns dicts with sorted keys: order by this, not by them.)
 ROWS = ("young", "young_to_old", "young_cycle", "old", "old_to_young", "old_cycle")
@@ -29,7 +29,7 @@ def translate(generator: models.ResnetGenerator, generator_params, faces):
 
 def create_sampler(config):
     """A jitted `sampler(generator_params, faces) -> rows` (runs on every process)."""
-    return jax.jit(functools.partial(translate, models.create_generator(config)))
+    return jax.jit(functools.partial(translate, cyclegan.create_networks(config).generator))
 
 
 def to_grid(rows: dict[str, np.ndarray]) -> np.ndarray:

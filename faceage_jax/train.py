@@ -14,17 +14,19 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from faceage_jax import checkpointing, config_validation, cyclegan, parallel, samples
-from input_pipeline import pipeline
+from faceage_jax import checkpointing, config_validation, cyclegan, parallel, runtime, samples
+from input_pipeline import dataset, pipeline
 
 
-def prepare_data(config: ml_collections.ConfigDict) -> int:
-    """Builds the dataset on first use (process 0 first) and returns the steps per epoch."""
+def prepare_data(config: ml_collections.ConfigDict):
+    """The dataset's builder, built on first use: by process 0, which the others wait for."""
     if jax.process_index() == 0:
-        pipeline.prepare_dataset(config)
+        builder = dataset.prepare_dataset(config)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("faceage_jax.prepare_data")
-    return pipeline.steps_per_epoch(config)
+    if jax.process_index() != 0:
+        builder = dataset.prepare_dataset(config)  # Built by now: only opens it.
+    return builder
 
 
 def absolute_path(path: str) -> epath.Path:
@@ -36,17 +38,6 @@ def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
     if config.num_train_steps > 0:
         return config.num_train_steps
     return (config.num_epochs + config.num_decay_epochs) * steps_per_epoch
-
-
-def enable_compilation_cache(workdir: epath.Path) -> None:
-    """Persistent XLA cache, so that a restarted run does not compile from scratch.
-
-    In `workdir/compilation_cache`, unless one is set already (for example by
-    JAX_COMPILATION_CACHE_DIR, to share it between runs).
-    """
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(workdir / "compilation_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,27 +76,28 @@ def train_and_evaluate(
     batches {'young', 'old'} with `save(dir)`/`restore(dir)`, for custom data.
     Writes TensorBoard summaries and sample grids into `workdir` (process 0 only).
     """
-    config_validation.validate(config)
-    parallel.check_batch_divides(config.batch_size, jax.device_count())
+    config_validation.validate(
+        config, num_devices=jax.device_count(), num_processes=jax.process_count()
+    )
     workdir = absolute_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    enable_compilation_cache(workdir)
 
-    steps_per_epoch = prepare_data(config)
+    builder = prepare_data(config)
+    steps_per_epoch = dataset.steps_per_epoch(builder, config)
     num_train_steps = total_steps(config, steps_per_epoch)
     mesh = parallel.create_mesh()
     functions = cyclegan.create_step_functions(config, mesh, steps_per_epoch)
     if train_iterator is None:
-        train_iterator = pipeline.create_train_iterator(config)
+        train_iterator = pipeline.create_train_iterator(builder, config)
     manager = checkpointing.create_checkpoint_manager(workdir, config)
-    state, train_iterator, restored_step = checkpointing.restore_or_initialize(
+    state, restored_step = checkpointing.restore_or_initialize(
         manager,
         functions.abstract_state,
         lambda: functions.init(jax.random.key(config.seed)),
         train_iterator,
     )
     checkpointing.install_preemption_handler()
-    parallel.release_freed_memory()
+    runtime.release_freed_memory()
 
     is_writer = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
@@ -121,7 +113,7 @@ def train_and_evaluate(
         jax.device_count(),
         jax.process_count(),
     )
-    sample_faces = pipeline.load_sample_faces(config)
+    sample_faces = pipeline.load_sample_faces(builder, config)
     sampler = samples.create_sampler(config)
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=num_train_steps,
@@ -140,7 +132,7 @@ def train_and_evaluate(
                 state, metrics = functions.step(state, batch)
             if step == first_step:  # It compiled: return the compiler's memory.
                 jax.block_until_ready(metrics)
-                parallel.release_freed_memory()
+                runtime.release_freed_memory()
             step += 1
             pending.append((step, metrics))
 
@@ -158,7 +150,7 @@ def train_and_evaluate(
             # Every step, after the log's sync: its steps/s and ETA measure finished steps.
             report_progress(step)
             if must_save:
-                checkpointing.save(manager, step, state, train_iterator, force=True)
+                checkpointing.save(manager, step, state, train_iterator)
             if step % config.sample_every_steps == 0 or step == num_train_steps:
                 write_samples(writer, workdir, step, sampler(state.generator_params, sample_faces))
             if preempted:

@@ -14,7 +14,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from input_pipeline import pipeline
+from input_pipeline import dataset, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration file.", lock_config=True
@@ -26,16 +26,16 @@ _NUM_BATCHES = flags.DEFINE_integer("num_batches", 500, "Batches to time, after 
 _WARMUP_BATCHES = flags.DEFINE_integer("warmup_batches", 20, "Batches read before timing.")
 
 
-def images_per_second(config, num_batches: int, warmup_batches: int) -> float:
+def images_per_second(builder, config, num_batches: int, warmup_batches: int) -> float:
     """Training images (both domains) per second read from a fresh single-process pipeline."""
-    iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
+    iterator = pipeline.create_train_iterator(builder, config, process_index=0, process_count=1)
     for _ in range(warmup_batches):
         next(iterator)
     start = time.perf_counter()
     for _ in range(num_batches):
         next(iterator)
     elapsed = time.perf_counter() - start
-    return num_batches * config.batch_size * len(pipeline.DOMAINS) / elapsed
+    return num_batches * config.batch_size * len(dataset.DOMAINS) / elapsed
 
 
 def main(argv):
@@ -45,8 +45,8 @@ def main(argv):
     config.num_synthetic_faces = max(config.num_synthetic_faces, _NUM_FACES.value)
     with tempfile.TemporaryDirectory(prefix="faceage_bench_") as temporary_dir:
         config.data_dir = config.data_dir or temporary_dir
-        pipeline.prepare_dataset(config)
-        rate = images_per_second(config, _NUM_BATCHES.value, _WARMUP_BATCHES.value)
+        builder = dataset.prepare_dataset(config)
+        rate = images_per_second(builder, config, _NUM_BATCHES.value, _WARMUP_BATCHES.value)
     print(
         f"{rate:.0f} images/s at {config.image_size}px (load_size {config.load_size}, "
         f"global batch {config.batch_size}, {config.num_synthetic_faces} synthetic faces)"

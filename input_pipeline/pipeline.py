@@ -1,14 +1,13 @@
-"""tf.data pipeline: UTKFace faces into host-local batches of young and old faces.
+"""tf.data pipelines over the `utk_face` dataset: training batches and held-out faces.
 
-Both datasets go through the `utk_face` TFDS builder: real UTKFace is built from
-`config.manual_dir`, synthetic faces are generated into a folder first. Training
-reads this process's share of the train split once, keeps each age domain's
-faces as JPEG bytes in memory, and draws them in a fresh random permutation per
-epoch of the domain, computed for each draw from (seed, position)
-(`draw_order`); then decodes, jitters and batches. Each domain draws forever
-and the two are zipped, so training never runs out of either. The data
-position is the number of faces drawn per domain: a checkpoint stores that one
-number, and a resumed run draws exactly the batches the uninterrupted one would.
+Training reads this process's share of the train split once (see `dataset`),
+keeps each age domain's faces as JPEG bytes in memory, and draws them in a
+fresh random permutation per epoch of the domain, computed for each draw from
+(seed, position) (`draw_order`); then decodes, jitters and batches. Each domain
+draws forever and the two are zipped, so training never runs out of either.
+The data position is the number of faces drawn per domain: a checkpoint stores
+that one number, and a resumed run draws exactly the batches the
+uninterrupted one would.
 """
 
 import functools
@@ -21,128 +20,10 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from input_pipeline import synthetic, utkface
+from input_pipeline import dataset
+from input_pipeline.dataset import DOMAINS, age_ranges
 
-DOMAINS = ("young", "old")
-SYNTHETIC_FACES_SEED = 0  # Synthetic faces do not change with the training seed.
 POSITION_FILE = "position.json"  # The data position in a checkpoint, per process.
-
-
-def age_ranges(config) -> dict[str, tuple[int, int]]:
-    """Inclusive age range of each domain."""
-    return {
-        "young": (config.young_age_min, config.young_age_max),
-        "old": (config.old_age_min, config.old_age_max),
-    }
-
-
-def _default_data_dir() -> epath.Path:
-    return epath.Path(tfds.core.constants.get_default_data_dir())
-
-
-def prepare_dataset(config) -> tfds.core.DatasetBuilder:
-    """The `utk_face` builder for `config`, built on first use (real or synthetic faces)."""
-    builder_config = utkface.config_for_test_share(config.test_share)
-    if config.dataset == "utk_face":
-        builder = tfds.builder("utk_face", data_dir=config.data_dir or None, config=builder_config)
-        if not builder.is_prepared():
-            manual_dir = _manual_dir(config.manual_dir, builder.data_dir)
-            _build(builder, manual_dir)
-    elif config.dataset == "synthetic":
-        if config.num_synthetic_faces <= 0:
-            raise ValueError(
-                "dataset='synthetic' needs config.num_synthetic_faces > 0, "
-                f"got {config.num_synthetic_faces}"
-            )
-        root = epath.Path(config.data_dir or _default_data_dir())
-        root = root / f"synthetic_faces_{config.num_synthetic_faces}"
-        builder = tfds.builder("utk_face", data_dir=root, config=builder_config)
-        if not builder.is_prepared():
-            logging.info("Writing %d synthetic faces to %s", config.num_synthetic_faces, root)
-            faces_dir = root / "manual" / utkface.FOLDER_NAME
-            synthetic.write_faces(faces_dir, config.num_synthetic_faces, SYNTHETIC_FACES_SEED)
-            _build(builder, faces_dir.parent)
-    else:
-        raise ValueError(
-            f"config.dataset must be 'utk_face' or 'synthetic', got {config.dataset!r}"
-        )
-    return builder
-
-
-def _manual_dir(manual_dir: str, data_dir: epath.Path) -> epath.Path:
-    """The folder holding UTKFace.tar.gz or the faces, from `config.manual_dir`."""
-    how = (
-        f"Download {utkface.ARCHIVE_NAME} ('Aligned&Cropped Faces') from {utkface.HOMEPAGE} "
-        f"and pass --config.manual_dir=/path/to/{utkface.ARCHIVE_NAME} (or its extracted folder)."
-    )
-    if not manual_dir:
-        raise ValueError(
-            f"UTKFace is not built in {data_dir} and config.manual_dir is empty. {how}"
-        )
-    path = epath.Path(manual_dir)
-    if not path.exists():
-        raise FileNotFoundError(f"config.manual_dir {path} does not exist. {how}")
-    if path.is_dir():
-        return path
-    if path.name != utkface.ARCHIVE_NAME:
-        raise ValueError(
-            f"config.manual_dir {path} is a file but not {utkface.ARCHIVE_NAME}: rename it, "
-            f"or pass the folder of extracted faces. {how}"
-        )
-    return path.parent
-
-
-def _build(builder: tfds.core.DatasetBuilder, manual_dir: epath.Path) -> None:
-    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    builder.download_and_prepare(download_config=download_config)
-
-
-def read_faces(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
-    """Records of `split` in stored order, the image still JPEG bytes."""
-    return builder.as_dataset(
-        split=split,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        shuffle_files=False,
-        # Read once per run (training) or streamed (evaluation): nothing to cache.
-        read_config=tfds.ReadConfig(try_autocache=False),
-    )
-
-
-def select_ages(records: tf.data.Dataset, age_range: tuple[int, int]) -> tf.data.Dataset:
-    """Records whose age lies in the inclusive `age_range`."""
-    low, high = age_range
-    return records.filter(lambda record: (record["age"] >= low) & (record["age"] <= high))
-
-
-def count_domain_faces(builder: tfds.core.DatasetBuilder, split: str, config) -> dict[str, int]:
-    """Faces of each domain in `split`, and `all` faces; reads the ages only."""
-    ages_only = read_faces(builder, split).map(lambda record: record["age"])
-    batches = list(ages_only.batch(4096).as_numpy_iterator())
-    ages = np.concatenate(batches) if batches else np.zeros([0], np.int32)
-    counts = {
-        domain: int(np.count_nonzero((ages >= low) & (ages <= high)))
-        for domain, (low, high) in age_ranges(config).items()
-    }
-    return counts | {"all": len(ages)}
-
-
-def _check_domains(counts: dict[str, int], config, where: str) -> None:
-    empty = [domain for domain in DOMAINS if counts[domain] == 0]
-    if empty:
-        ranges = ", ".join(f"{d} {low}-{high}" for d, (low, high) in age_ranges(config).items())
-        found = ", ".join(f"{domain} {counts[domain]}" for domain in DOMAINS)
-        raise ValueError(
-            f"The {' and '.join(empty)} domain is empty in {where} (ages {ranges}): found "
-            f"{found} among {counts['all']} faces. Widen config.young_age_min/max or "
-            "config.old_age_min/max, or use more faces."
-        )
-
-
-def steps_per_epoch(config) -> int:
-    """Steps that show every face of the larger domain once: its size / global batch."""
-    counts = count_domain_faces(prepare_dataset(config), "train", config)
-    _check_domains(counts, config, "the train split")
-    return max(1, max(counts[domain] for domain in DOMAINS) // config.batch_size)
 
 
 def _process_defaults(process_index, process_count) -> tuple[int, int]:
@@ -156,8 +37,8 @@ def _process_defaults(process_index, process_count) -> tuple[int, int]:
 def _host_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size % process_count:
         raise ValueError(
-            f"config.batch_size {global_batch_size} is global and must divide evenly "
-            f"over {process_count} processes"
+            f"The global batch size {global_batch_size} must divide evenly over "
+            f"{process_count} processes."
         )
     return global_batch_size // process_count
 
@@ -190,16 +71,16 @@ def _eval_image(image_size: int, record: dict) -> dict:
     return {"image": _to_unit_range(image), "age": record["age"], "file_name": record["file_name"]}
 
 
-def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
+def _with_options(data: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.deterministic = True
     # No autotuning thread: deleting an iterator waits for that thread's current
-    # sleep, whose period grows with the iterator's age (TF 2.21): 25 s at the end
-    # of a run minutes long, a process that outlives its preemption notice. Without
-    # it, AUTOTUNE parallelism is min(16, schedulable cores) and prefetch buffers
-    # still grow on their own; the training pipeline measured as fast either way.
+    # sleep, whose period grows with the iterator's age (TF 2.21): at the end of a
+    # long run, a process that outlives its preemption notice. Without it, AUTOTUNE
+    # parallelism is min(16, schedulable cores) and prefetch buffers still grow on
+    # their own; the training pipeline measured as fast either way (README).
     options.autotune.enabled = False
-    return dataset.with_options(options)
+    return data.with_options(options)
 
 
 def train_split(process_index: int, process_count: int) -> str:
@@ -209,15 +90,17 @@ def train_split(process_index: int, process_count: int) -> str:
     )
 
 
-def load_train_faces(config, *, process_index=None, process_count=None) -> dict[str, np.ndarray]:
+def load_train_faces(
+    builder: tfds.core.DatasetBuilder, config, *, process_index=None, process_count=None
+) -> dict[str, np.ndarray]:
     """This process's training faces of each domain, still JPEG bytes, in stored order.
 
-    {'young': [N_young] bytes, 'old': [N_old] bytes}: a few tens of MB for all of
+    {'young': [N_young] bytes, 'old': [N_old] bytes}: small enough for all of
     UTKFace, read once, so that any face can be drawn by its index.
     """
     process_index, process_count = _process_defaults(process_index, process_count)
     split = train_split(process_index, process_count)
-    records = read_faces(prepare_dataset(config), split)
+    records = dataset.read_faces(builder, split)
     images, ages = [], []
     for batch in records.map(lambda r: (r["image"], r["age"])).batch(4096).as_numpy_iterator():
         images.append(batch[0])
@@ -229,7 +112,9 @@ def load_train_faces(config, *, process_index=None, process_count=None) -> dict[
         for domain, (low, high) in age_ranges(config).items()
     }
     counts = {domain: len(faces[domain]) for domain in DOMAINS} | {"all": len(images)}
-    _check_domains(counts, config, f"the train split of process {process_index}/{process_count}")
+    dataset.check_domains(
+        counts, config, f"the train split of process {process_index}/{process_count}"
+    )
     return faces
 
 
@@ -316,10 +201,10 @@ class TrainIterator:
 
     def _read(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
-            dataset = train_dataset(
+            batches = train_dataset(
                 self._faces, self._host_batch_size, self._images_read, self._config
             )
-            self._iterator = iter(dataset)
+            self._iterator = iter(batches)
         return {domain: images.numpy() for domain, images in next(self._iterator).items()}
 
     def _description(self) -> dict:
@@ -372,15 +257,20 @@ class TrainIterator:
         self._next_batch = self._read()
 
 
-def create_train_iterator(config, *, process_index=None, process_count=None) -> TrainIterator:
+def create_train_iterator(
+    builder: tfds.core.DatasetBuilder, config, *, process_index=None, process_count=None
+) -> TrainIterator:
     """The training batches of this process; defaults to jax's process index and count."""
     process_index, process_count = _process_defaults(process_index, process_count)
     host_batch_size = _host_batch_size(config.batch_size, process_count)
-    faces = load_train_faces(config, process_index=process_index, process_count=process_count)
+    faces = load_train_faces(
+        builder, config, process_index=process_index, process_count=process_count
+    )
     return TrainIterator(faces, host_batch_size, config)
 
 
 def create_eval_dataset(
+    builder: tfds.core.DatasetBuilder,
     config,
     domain: str,
     *,
@@ -399,7 +289,7 @@ def create_eval_dataset(
     split = tfds.split_for_jax_process(
         "test", process_index=process_index, process_count=process_count
     )
-    records = select_ages(read_faces(prepare_dataset(config), split), age_ranges(config)[domain])
+    records = dataset.select_ages(dataset.read_faces(builder, split), age_ranges(config)[domain])
     images = records.map(
         functools.partial(_eval_image, config.image_size), num_parallel_calls=tf.data.AUTOTUNE
     )
@@ -407,7 +297,9 @@ def create_eval_dataset(
     return _with_options(batches.prefetch(tf.data.AUTOTUNE))
 
 
-def load_sample_faces(config, num_faces: int | None = None) -> dict[str, np.ndarray]:
+def load_sample_faces(
+    builder: tfds.core.DatasetBuilder, config, num_faces: int | None = None
+) -> dict[str, np.ndarray]:
     """The first `num_faces` held-out faces of each domain: {'young': [N, H, W, 3], 'old': ...}.
 
     The same faces on every process and in every run, for sample grids. Fewer than
@@ -416,13 +308,13 @@ def load_sample_faces(config, num_faces: int | None = None) -> dict[str, np.ndar
     num_faces = num_faces or config.num_sample_faces
     faces = {}
     for domain in DOMAINS:
-        dataset = create_eval_dataset(
-            config, domain, batch_size=num_faces, process_index=0, process_count=1
+        held_out = create_eval_dataset(
+            builder, config, domain, batch_size=num_faces, process_index=0, process_count=1
         )
-        batch = next(iter(dataset.take(1)), None)
+        batch = next(iter(held_out.take(1)), None)
         if batch is None:
-            counts = count_domain_faces(prepare_dataset(config), "test", config)
-            _check_domains(counts, config, "the test split")
+            counts = dataset.count_domain_faces(builder, "test", config)
+            dataset.check_domains(counts, config, "the test split")
         faces[domain] = batch["image"].numpy()
         if len(faces[domain]) < num_faces:
             logging.warning(

@@ -208,38 +208,3 @@ def write_faces(directory: epath.PathLike, num_faces: int, seed: int = 0) -> lis
     for spec in specs:
         (directory / spec.file_name).write_bytes(encode_jpeg(render_face(spec)))
     return specs
-
-
-# Malformed names as found in the real archive, and files a build must skip.
-MALFORMED_NAMES = (
-    "39_1_20170116174525125.jpg.chip.jpg",  # No race field.
-    "61_1_20170109142408075.jpg.chip.jpg",  # No race field.
-    "61_1_20170109150557335.jpg.chip.jpg",  # No race field.
-    "24_0_1_20170116220224657 .jpg.chip.jpg",  # A space before the extension.
-    "55_0_0_20170116232725357jpg.chip.jpg",  # No dot before "jpg".
-    "x_0_1_20170116220224000.jpg.chip.jpg",  # No parseable age.
-    "150_0_1_20170116220224001.jpg.chip.jpg",  # Age outside 0-120.
-)
-NOT_JPEG_NAME = "30_0_1_20170116220224002.jpg.chip.jpg"  # PNG bytes.
-EMPTY_NAME = "31_0_1_20170116220224003.jpg.chip.jpg"  # Zero bytes.
-TRUNCATED_NAME = "32_0_1_20170116220224004.jpg.chip.jpg"  # The first half of a JPEG.
-UNDECODABLE_NAME = "33_0_1_20170116220224005.jpg.chip.jpg"  # A JPEG header, then noise.
-
-
-def write_malformed_files(directory: epath.PathLike, seed: int = 0) -> list[str]:
-    """Writes every malformed-name and corrupt-file case; returns the file names."""
-    directory = epath.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    face = render_face(face_specs(1, seed)[0])
-    jpeg = encode_jpeg(face)
-    png = io.BytesIO()
-    Image.fromarray(face).save(png, format="PNG")
-    noise = np.random.default_rng(seed).integers(0, 256, size=4000, dtype=np.uint8).tobytes()
-    contents = {name: jpeg for name in MALFORMED_NAMES}
-    contents[NOT_JPEG_NAME] = png.getvalue()
-    contents[EMPTY_NAME] = b""
-    contents[TRUNCATED_NAME] = jpeg[: len(jpeg) // 2]
-    contents[UNDECODABLE_NAME] = b"\xff\xd8\xff\xe0" + noise
-    for name, data in contents.items():
-        (directory / name).write_bytes(data)
-    return list(contents)

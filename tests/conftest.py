@@ -1,19 +1,28 @@
-"""Test-wide setup: 4 simulated CPU devices, and TensorFlow kept off any accelerator.
+"""Test-wide setup: 4 simulated CPU devices, TensorFlow kept off any accelerator, and
+one persistent compilation cache for the whole suite and the processes it starts.
 
 Runs before any test module imports JAX or TensorFlow, so the settings take
-effect before a backend is initialized.
+effect before a backend is initialized. The cache is a fresh folder per run,
+unless JAX_COMPILATION_CACHE_DIR names one (then runs reuse what it holds).
 """
 
 import os
+import shutil
+import tempfile
 
 # Must precede the first JAX backend initialization.
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    # Inherited by every subprocess the tests start: they compile the same steps.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="faceage_jax_test_cache_")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 import tensorflow as tf  # noqa: E402
 
@@ -28,3 +37,8 @@ def pytest_sessionstart(session):
         f"tests expect {NUM_TEST_DEVICES} simulated CPU devices, got {jax.devices()}; "
         "something initialized JAX before tests/conftest.py ran"
     )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -1,36 +1,17 @@
 """The step benchmark: its figures, and the command lines that print them."""
 
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 
-from configs import test as test_config
-from faceage_jax import bench, huge_pages, models, parallel
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+from faceage_jax import bench, cyclegan, parallel, runtime
+from tests.helpers import make_config, run_python
 
 
 def run_bench(*args: str) -> str:
     """Runs `python -m faceage_jax.bench ARGS` from the repository root; returns its stdout."""
-    result = subprocess.run(
-        [sys.executable, "-m", "faceage_jax.bench", *args],
-        cwd=REPO_ROOT,
-        env={
-            **{
-                key: value
-                for key, value in os.environ.items()
-                if key not in ("GLIBC_TUNABLES", huge_pages.RESTARTED)
-            },
-            "JAX_PLATFORMS": "cpu",
-        },
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    unset = {"GLIBC_TUNABLES": None, runtime.RESTARTED: None}
+    result = run_python("-m", "faceage_jax.bench", *args, env=unset, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -69,8 +50,8 @@ def test_step_command_prints_every_figure():
     assert figure(output, "process CPU seconds/step") > 0
     assert figure(output, "page faults/step") >= 0
     # The benchmark restarts itself with huge pages where that helps, as training does.
-    helps = huge_pages.wants_reexec(
-        {}, huge_pages.glibc_version(), huge_pages.transparent_huge_pages_available()
+    helps = runtime.wants_reexec(
+        {}, runtime.glibc_version(), runtime.transparent_huge_pages_available()
     )
     tunables = "glibc.malloc.hugetlb=1" if helps else "(none)"
     assert f"glibc tunables: {tunables}" in output
@@ -82,7 +63,7 @@ def test_step_command_prints_every_figure():
 
 
 def test_model_flops_are_those_of_the_straightforward_step():
-    config = test_config.get_config()
+    config = make_config()
     mesh = parallel.create_mesh()
     model, executed = {}, {}
     for algorithm in ("winograd", "direct"):
@@ -99,11 +80,14 @@ def test_model_flops_are_those_of_the_straightforward_step():
 def test_model_flops_count_every_residual_block(monkeypatch):
     # Direct convolutions run their blocks as a scan off CPU, and XLA's cost
     # analysis counts a scan's body once: count a scanning step here.
-    create_generator = models.create_generator
-    monkeypatch.setattr(
-        models, "create_generator", lambda config: create_generator(config).clone(scan_blocks=True)
-    )
-    config = test_config.get_config()
+    create_networks = cyclegan.create_networks
+
+    def scanning_networks(config):
+        generator, discriminator = create_networks(config)
+        return cyclegan.Networks(generator.clone(scan_blocks=True), discriminator)
+
+    monkeypatch.setattr(cyclegan, "create_networks", scanning_networks)
+    config = make_config()
     batch = bench.random_batch(config, parallel.create_mesh())
     flops = []
     for blocks in (1, 2, 3):
@@ -137,8 +121,6 @@ def test_the_benchmark_needs_neither_tensorflow_nor_clu():
         "import sys, faceage_jax.bench; "
         "print(sorted(m for m in ('tensorflow', 'clu') if m in sys.modules))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
-    )
+    result = run_python("-c", probe, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"

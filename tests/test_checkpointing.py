@@ -2,14 +2,11 @@
 
 import functools
 import logging
-import os
 import pathlib
 import queue
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -21,10 +18,8 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import test as test_config
 from faceage_jax import checkpointing
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import free_port, make_config, start_python
 
 
 class CountingIterator:
@@ -40,12 +35,10 @@ class CountingIterator:
         self.position = int((epath.Path(directory) / "position.txt").read_text())
 
 
-def make_config(every: int = 1, keep: int = 3, keep_every: int = 0):
-    config = test_config.get_config()
-    config.checkpoint_every_steps = every
-    config.keep_checkpoints = keep
-    config.keep_checkpoints_every_steps = keep_every
-    return config
+def checkpoint_config(every: int = 1, keep: int = 3, keep_every: int = 0):
+    return make_config(
+        checkpoint_every_steps=every, keep_checkpoints=keep, keep_checkpoints_every_steps=keep_every
+    )
 
 
 def state_shardings():
@@ -82,9 +75,10 @@ def state_init_fn(step: int):
 
 
 def save_steps(manager, steps):
-    """Offers the manager the state of each step; the iterator position is 10 x the step."""
+    """Saves each step the manager's policy asks for; the iterator position is 10 x the step."""
     for step in steps:
-        checkpointing.save(manager, step, state_init_fn(step)(), CountingIterator(10 * step))
+        if manager.should_save(step):
+            checkpointing.save(manager, step, state_init_fn(step)(), CountingIterator(10 * step))
     manager.wait_until_finished()
 
 
@@ -94,7 +88,9 @@ def open_manager(tmp_path):
     managers = []
 
     def open_(config=None):
-        managers.append(checkpointing.create_checkpoint_manager(tmp_path, config or make_config()))
+        managers.append(
+            checkpointing.create_checkpoint_manager(tmp_path, config or checkpoint_config())
+        )
         return managers[-1]
 
     yield open_
@@ -105,9 +101,11 @@ def open_manager(tmp_path):
 def restore(manager):
     # eval_shape of the jitted function itself: through a partial, shardings are lost.
     abstract_state = jax.eval_shape(jitted_make_state(), jnp.int32(0))
-    return checkpointing.restore_or_initialize(
-        manager, abstract_state, state_init_fn(0), CountingIterator()
+    iterator = CountingIterator()
+    state, step = checkpointing.restore_or_initialize(
+        manager, abstract_state, state_init_fn(0), iterator
     )
+    return state, iterator, step
 
 
 def checkpoint_dirs(tmp_path) -> list[str]:
@@ -151,7 +149,7 @@ def test_the_newest_checkpoint_is_restored(open_manager):
 
 
 def test_saves_the_first_step_then_every_interval(open_manager):
-    manager = open_manager(make_config(every=3, keep=10))
+    manager = open_manager(checkpoint_config(every=3, keep=10))
 
     save_steps(manager, range(1, 11))
 
@@ -159,7 +157,7 @@ def test_saves_the_first_step_then_every_interval(open_manager):
 
 
 def test_keeps_the_newest_n_and_every_kth_step(tmp_path, open_manager):
-    manager = open_manager(make_config(keep=2, keep_every=3))
+    manager = open_manager(checkpoint_config(keep=2, keep_every=3))
 
     save_steps(manager, range(1, 9))
 
@@ -168,7 +166,7 @@ def test_keeps_the_newest_n_and_every_kth_step(tmp_path, open_manager):
 
 
 def test_keep_every_zero_keeps_only_the_newest(open_manager):
-    manager = open_manager(make_config(keep=2, keep_every=0))
+    manager = open_manager(checkpoint_config(keep=2, keep_every=0))
 
     save_steps(manager, range(1, 6))
 
@@ -204,12 +202,10 @@ def test_unreadable_newest_falls_back_to_the_one_before_with_a_warning(
 @pytest.fixture(scope="module")
 def pipeline_config(tmp_path_factory):
     """The test config over its synthetic faces, built once."""
-    from input_pipeline import pipeline
+    from input_pipeline import dataset
 
-    config = test_config.get_config()
-    config.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    pipeline.prepare_dataset(config)
-    return config
+    config = make_config(data_dir=str(tmp_path_factory.mktemp("tfds")))
+    return dataset.prepare_dataset(config), config
 
 
 def test_corrupt_data_position_falls_back_at_restore_to_the_one_before(
@@ -217,8 +213,10 @@ def test_corrupt_data_position_falls_back_at_restore_to_the_one_before(
 ):
     from input_pipeline import pipeline
 
+    builder, config = pipeline_config
+
     def train_iterator():
-        return pipeline.create_train_iterator(pipeline_config, process_index=0, process_count=1)
+        return pipeline.create_train_iterator(builder, config, process_index=0, process_count=1)
 
     iterator = train_iterator()
     manager = open_manager()
@@ -231,9 +229,10 @@ def test_corrupt_data_position_falls_back_at_restore_to_the_one_before(
     position.write_bytes(b"\x00garbage")
 
     abstract_state = jax.eval_shape(jitted_make_state(), jnp.int32(0))
+    restored = train_iterator()
     with caplog.at_level(logging.WARNING):
-        state, restored, step = checkpointing.restore_or_initialize(
-            open_manager(), abstract_state, state_init_fn(0), train_iterator()
+        state, step = checkpointing.restore_or_initialize(
+            open_manager(), abstract_state, state_init_fn(0), restored
         )
 
     assert (step, int(state["step"]), restored.images_read) == (2, 2, 2 * 4)
@@ -326,11 +325,6 @@ def test_abstract_state_without_shardings_is_rejected(open_manager):
         checkpointing.restore_or_initialize(manager, abstract_state, dict, CountingIterator())
 
 
-def test_keeping_no_checkpoint_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="keep_checkpoints=0"):
-        checkpointing.create_checkpoint_manager(tmp_path, make_config(keep=0))
-
-
 # A training loop as the trainer runs it: it checkpoints rarely, prints each step,
 # and stops at the step where SIGTERM arrives. Arguments: workdir, process id,
 # number of processes, coordinator port (used with 2 or more processes).
@@ -370,7 +364,7 @@ mesh = jax.make_mesh((jax.device_count(),), ("data",))
 replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 init_fn = jax.jit(lambda: {"step": jnp.int32(0)}, out_shardings=replicated)
 iterator = CountingIterator()
-state, iterator, _ = checkpointing.restore_or_initialize(
+state, _ = checkpointing.restore_or_initialize(
     manager, jax.eval_shape(init_fn), init_fn, iterator
 )
 train_step = jax.jit(lambda state: {"step": state["step"] + 1})
@@ -380,10 +374,11 @@ while True:
     state = train_step(state)
     iterator.position += 1
     time.sleep(0.02)
-    checkpointing.save(manager, step, state, iterator)
+    preempted = checkpointing.preemption_requested(manager, step)
+    if preempted or manager.should_save(step):
+        checkpointing.save(manager, step, state, iterator)
     print(f"step {step}", flush=True)
-    if checkpointing.preemption_requested(manager, step):
-        checkpointing.save(manager, step, state, iterator, force=True)
+    if preempted:
         manager.wait_until_finished()
         manager.close()
         print(f"stopped at step {step}", flush=True)
@@ -391,21 +386,16 @@ while True:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_loop(workdir, process_id: int, num_processes: int, port: int):
     """Starts PREEMPTIBLE_LOOP; returns the process and a queue of the lines it prints."""
-    loop = subprocess.Popen(
-        [sys.executable, "-c", PREEMPTIBLE_LOOP, str(workdir)]
-        + [str(process_id), str(num_processes), str(port)],
-        env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT)},
-        stdout=subprocess.PIPE,
+    loop = start_python(
+        "-c",
+        PREEMPTIBLE_LOOP,
+        workdir,
+        process_id,
+        num_processes,
+        port,
         stderr=subprocess.DEVNULL,
-        text=True,
     )
     printed = queue.Queue()
     threading.Thread(
@@ -452,7 +442,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, open_manager, n
     assert saved_positions == [1000 * index + stopped_step for index in range(num_processes)]
     replicated = NamedSharding(jax.make_mesh((4,), ("data",)), P())
     abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
-    state, _, step = checkpointing.restore_or_initialize(
+    state, step = checkpointing.restore_or_initialize(
         open_manager(), abstract_state, dict, CountingIterator()
     )
     assert (step, int(state["step"])) == (stopped_step, stopped_step)

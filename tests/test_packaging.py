@@ -1,14 +1,12 @@
 """The package as pip installs it: no repository on the path, config files kept anywhere."""
 
-import os
-import pathlib
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT, run_python
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +32,7 @@ def installed(tmp_path_factory):
 
 def run_elsewhere(installed, directory, *args, timeout=600):
     """Runs Python in `directory` with the installed package first on its path."""
-    env = os.environ | {
-        "PYTHONPATH": str(installed),
-        "JAX_PLATFORMS": "cpu",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=directory,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_python(*args, cwd=directory, env={"PYTHONPATH": str(installed)}, timeout=timeout)
 
 
 def test_wheel_holds_the_packages_and_no_repository_folders(installed):

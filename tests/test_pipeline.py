@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from configs import test as test_config
-from input_pipeline import pipeline, synthetic, utkface
+from input_pipeline import dataset, pipeline, synthetic, utkface
 
 NUM_FACES = 200  # configs/test.py
 
@@ -19,18 +19,18 @@ def config(tmp_path_factory):
     config = test_config.get_config()
     config.data_dir = str(tmp_path_factory.mktemp("tfds"))
     assert config.num_synthetic_faces == NUM_FACES
-    pipeline.prepare_dataset(config)
+    dataset.prepare_dataset(config)
     return config
 
 
 @pytest.fixture(scope="module")
 def builder(config):
-    return pipeline.prepare_dataset(config)
+    return dataset.prepare_dataset(config)
 
 
 def _expected_train_ages(config) -> np.ndarray:
     """Ages of the train faces, from the generator and the name hash, not the pipeline."""
-    specs = synthetic.face_specs(NUM_FACES, pipeline.SYNTHETIC_FACES_SEED)
+    specs = synthetic.face_specs(NUM_FACES, dataset.SYNTHETIC_FACES_SEED)
     return np.array(
         [s.age for s in specs if utkface.split_of(s.file_name, config.test_share) == "train"]
     )
@@ -49,7 +49,7 @@ def _take(iterator, num_batches):
 
 def _assert_batches_equal(batches, other_batches):
     for batch, other in zip(batches, other_batches, strict=True):
-        for domain in pipeline.DOMAINS:
+        for domain in dataset.DOMAINS:
             np.testing.assert_array_equal(batch[domain], other[domain])
 
 
@@ -59,13 +59,13 @@ def test_synthetic_faces_are_generated_once_into_the_data_dir(config, builder):
     assert len(faces) == NUM_FACES
     assert sum(split.num_examples for split in builder.info.splits.values()) == NUM_FACES
     written_at = faces[0].stat().st_mtime_ns
-    assert pipeline.prepare_dataset(config).is_prepared()
+    assert dataset.prepare_dataset(config).is_prepared()
     assert faces[0].stat().st_mtime_ns == written_at
 
 
 def test_domain_counts_match_the_ages_of_the_train_faces(config, builder):
     ages = _expected_train_ages(config)
-    assert pipeline.count_domain_faces(builder, "train", config) == {
+    assert dataset.count_domain_faces(builder, "train", config) == {
         "young": np.count_nonzero((ages >= 18) & (ages <= 29)),
         "old": np.count_nonzero(ages >= 60),
         "all": len(ages),
@@ -73,7 +73,7 @@ def test_domain_counts_match_the_ages_of_the_train_faces(config, builder):
 
 
 def test_select_ages_keeps_only_the_inclusive_range(config, builder):
-    records = pipeline.select_ages(pipeline.read_faces(builder, "train"), (18, 29))
+    records = dataset.select_ages(dataset.read_faces(builder, "train"), (18, 29))
     ages = np.array([record["age"] for record in records.as_numpy_iterator()])
     assert ages.min() >= 18
     assert ages.max() <= 29
@@ -81,14 +81,14 @@ def test_select_ages_keeps_only_the_inclusive_range(config, builder):
     assert len(ages) == np.count_nonzero((expected >= 18) & (expected <= 29))
 
 
-def test_steps_per_epoch_is_the_larger_domain_over_the_global_batch(config):
+def test_steps_per_epoch_is_the_larger_domain_over_the_global_batch(config, builder):
     ages = _expected_train_ages(config)
     larger = max(np.count_nonzero((ages >= 18) & (ages <= 29)), np.count_nonzero(ages >= 60))
-    assert pipeline.steps_per_epoch(config) == larger // 4
+    assert dataset.steps_per_epoch(builder, config) == larger // 4
 
 
-def test_train_batches_are_host_local_float32_in_unit_range(config):
-    batch = next(pipeline.create_train_iterator(config))  # jax's process index and count.
+def test_train_batches_are_host_local_float32_in_unit_range(config, builder):
+    batch = next(pipeline.create_train_iterator(builder, config))  # jax's process index and count.
     assert set(batch) == {"young", "old"}
     for images in batch.values():
         assert images.shape == (4, 32, 32, 3)
@@ -98,23 +98,25 @@ def test_train_batches_are_host_local_float32_in_unit_range(config):
         assert images.std() > 0.1
 
 
-def test_each_process_gets_the_global_batch_over_the_process_count(config):
-    batch = next(pipeline.create_train_iterator(config, process_index=1, process_count=2))
+def test_each_process_gets_the_global_batch_over_the_process_count(config, builder):
+    batch = next(pipeline.create_train_iterator(builder, config, process_index=1, process_count=2))
     assert batch["young"].shape == (2, 32, 32, 3)
 
 
-def test_global_batch_must_divide_over_processes(config):
+def test_global_batch_must_divide_over_processes(config, builder):
     with pytest.raises(ValueError, match="must divide evenly over 3 processes"):
-        pipeline.create_train_iterator(config, process_index=0, process_count=3)
+        pipeline.create_train_iterator(builder, config, process_index=0, process_count=3)
 
 
-def test_young_batches_hold_young_faces_and_old_batches_old(config):
+def test_young_batches_hold_young_faces_and_old_batches_old(config, builder):
     # Without the random crop, which can move skin into the measured hair patch.
     uncropped = _with(config, load_size=config.image_size)
-    batches = _take(pipeline.create_train_iterator(uncropped, process_index=0, process_count=1), 5)
+    batches = _take(
+        pipeline.create_train_iterator(builder, uncropped, process_index=0, process_count=1), 5
+    )
     scores = {
         domain: [synthetic.apparent_age(image) for batch in batches for image in batch[domain]]
-        for domain in pipeline.DOMAINS
+        for domain in dataset.DOMAINS
     }
     assert max(scores["young"]) < 0.3 < min(scores["old"])
 
@@ -152,22 +154,28 @@ def test_jitter_flips_some_views(config):
     assert 0 < sum(flipped) < 16
 
 
-def test_same_seed_gives_equal_batches(config):
-    first = _take(pipeline.create_train_iterator(config, process_index=0, process_count=1), 4)
-    second = _take(pipeline.create_train_iterator(config, process_index=0, process_count=1), 4)
+def test_same_seed_gives_equal_batches(config, builder):
+    first = _take(
+        pipeline.create_train_iterator(builder, config, process_index=0, process_count=1), 4
+    )
+    second = _take(
+        pipeline.create_train_iterator(builder, config, process_index=0, process_count=1), 4
+    )
     _assert_batches_equal(first, second)
 
 
-def test_another_seed_gives_other_batches(config):
-    first = next(pipeline.create_train_iterator(config, process_index=0, process_count=1))
+def test_another_seed_gives_other_batches(config, builder):
+    first = next(pipeline.create_train_iterator(builder, config, process_index=0, process_count=1))
     other_config = _with(config, seed=config.seed + 1)
-    other = next(pipeline.create_train_iterator(other_config, process_index=0, process_count=1))
+    other = next(
+        pipeline.create_train_iterator(builder, other_config, process_index=0, process_count=1)
+    )
     assert not np.array_equal(first["young"], other["young"])
 
 
-def test_training_never_runs_out(config):
-    iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
-    steps = 3 * pipeline.steps_per_epoch(config)
+def test_training_never_runs_out(config, builder):
+    iterator = pipeline.create_train_iterator(builder, config, process_index=0, process_count=1)
+    steps = 3 * dataset.steps_per_epoch(builder, config)
     assert len(_take(iterator, steps)) == steps
 
 
@@ -175,48 +183,50 @@ def test_two_processes_get_disjoint_equal_shares_that_cover_the_train_split(buil
     names = {
         index: [
             record["file_name"]
-            for record in pipeline.read_faces(
+            for record in dataset.read_faces(
                 builder, pipeline.train_split(index, 2)
             ).as_numpy_iterator()
         ]
         for index in (0, 1)
     }
-    all_names = {r["file_name"] for r in pipeline.read_faces(builder, "train").as_numpy_iterator()}
+    all_names = {r["file_name"] for r in dataset.read_faces(builder, "train").as_numpy_iterator()}
     assert len(names[0]) == len(names[1]) == len(all_names) // 2
     assert not set(names[0]) & set(names[1])
     assert len(all_names - set(names[0]) - set(names[1])) == len(all_names) % 2
 
 
-def test_iterator_resumes_where_it_was_saved(config, tmp_path):
-    iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
+def test_iterator_resumes_where_it_was_saved(config, tmp_path, builder):
+    iterator = pipeline.create_train_iterator(builder, config, process_index=0, process_count=1)
     _take(iterator, 3)
     iterator.save(tmp_path / "process_0")
     expected = _take(iterator, 4)
 
-    restored = pipeline.create_train_iterator(config, process_index=0, process_count=1)
+    restored = pipeline.create_train_iterator(builder, config, process_index=0, process_count=1)
     restored.restore(tmp_path / "process_0")
     _assert_batches_equal(_take(restored, 4), expected)
 
 
-def test_iterator_resumed_again_and_again_draws_the_uninterrupted_batches(config, tmp_path):
+def test_iterator_resumed_again_and_again_draws_the_uninterrupted_batches(
+    config, tmp_path, builder
+):
     # Each restored iterator is saved and restored in turn, as a run preempted many times.
     uninterrupted = _take(
-        pipeline.create_train_iterator(config, process_index=0, process_count=1), 25
+        pipeline.create_train_iterator(builder, config, process_index=0, process_count=1), 25
     )
     resumed = []
-    iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
+    iterator = pipeline.create_train_iterator(builder, config, process_index=0, process_count=1)
     for resume in range(6):
         resumed += _take(iterator, 4)
         iterator.save(tmp_path / str(resume))
-        iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
+        iterator = pipeline.create_train_iterator(builder, config, process_index=0, process_count=1)
         iterator.restore(tmp_path / str(resume))
     resumed.append(next(iterator))
     # 25 batches of 4 cross the epochs of both domains (57 and 63 faces).
     _assert_batches_equal(resumed, uninterrupted)
 
 
-def test_iterator_position_is_the_number_of_faces_drawn_per_domain(config, tmp_path):
-    iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
+def test_iterator_position_is_the_number_of_faces_drawn_per_domain(config, tmp_path, builder):
+    iterator = pipeline.create_train_iterator(builder, config, process_index=0, process_count=1)
     _take(iterator, 3)
     iterator.save(tmp_path)
     saved = json.loads((tmp_path / "position.json").read_text())
@@ -234,8 +244,8 @@ def test_each_epoch_of_a_domain_shows_every_face_once_in_a_new_order():
     assert epochs[0] != epochs[1] != epochs[2]
 
 
-def test_restore_without_a_position_says_where_it_looked(config, tmp_path):
-    iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
+def test_restore_without_a_position_says_where_it_looked(config, tmp_path, builder):
+    iterator = pipeline.create_train_iterator(builder, config, process_index=0, process_count=1)
     with pytest.raises(pipeline.DataPositionError, match="No data position in .*position.json"):
         iterator.restore(tmp_path / "empty")
 
@@ -243,16 +253,20 @@ def test_restore_without_a_position_says_where_it_looked(config, tmp_path):
 @pytest.mark.parametrize(
     "content", ["{not json", '{"faces": 3}', '{"images_read": -4}', '{"images_read": "12"}']
 )
-def test_malformed_position_is_refused_at_restore(config, tmp_path, content):
+def test_malformed_position_is_refused_at_restore(config, tmp_path, content, builder):
     (tmp_path / "position.json").write_text(content)
-    iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
+    iterator = pipeline.create_train_iterator(builder, config, process_index=0, process_count=1)
     with pytest.raises(pipeline.DataPositionError, match="Malformed data position"):
         iterator.restore(tmp_path)
 
 
-def test_eval_dataset_holds_held_out_faces_of_one_domain_without_jitter(config):
-    batches = list(pipeline.create_eval_dataset(config, "old", process_index=0, process_count=1))
-    again = list(pipeline.create_eval_dataset(config, "old", process_index=0, process_count=1))
+def test_eval_dataset_holds_held_out_faces_of_one_domain_without_jitter(config, builder):
+    batches = list(
+        pipeline.create_eval_dataset(builder, config, "old", process_index=0, process_count=1)
+    )
+    again = list(
+        pipeline.create_eval_dataset(builder, config, "old", process_index=0, process_count=1)
+    )
     assert batches[0]["image"].shape[1:] == (32, 32, 3)
     np.testing.assert_array_equal(batches[0]["image"], again[0]["image"])
     for batch in batches:
@@ -261,31 +275,34 @@ def test_eval_dataset_holds_held_out_faces_of_one_domain_without_jitter(config):
             assert utkface.split_of(name.decode(), config.test_share) == "test"
 
 
-def test_sample_faces_are_fixed_held_out_faces_per_domain(config):
-    faces = pipeline.load_sample_faces(config)
-    again = pipeline.load_sample_faces(config)
+def test_sample_faces_are_fixed_held_out_faces_per_domain(config, builder):
+    faces = pipeline.load_sample_faces(builder, config)
+    again = pipeline.load_sample_faces(builder, config)
     assert faces["young"].shape == faces["old"].shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(faces["old"], again["old"])
 
 
-def test_pipelines_run_without_the_autotuning_thread(config):
+def test_pipelines_run_without_the_autotuning_thread(config, builder):
     # Deleting an iterator waits out that thread's current sleep, which grows with the
     # iterator's age: a preempted run ended 25 s after its last checkpoint with it.
     datasets = [
         pipeline.train_dataset(
-            pipeline.load_train_faces(config, process_index=0, process_count=1), 4, 0, config
+            pipeline.load_train_faces(builder, config, process_index=0, process_count=1),
+            4,
+            0,
+            config,
         ),
-        pipeline.create_eval_dataset(config, "young", process_index=0, process_count=1),
+        pipeline.create_eval_dataset(builder, config, "young", process_index=0, process_count=1),
     ]
-    for dataset in datasets:
-        assert dataset.options().autotune.enabled is False
-        assert dataset.options().deterministic is True
+    for data in datasets:
+        assert data.options().autotune.enabled is False
+        assert data.options().deterministic is True
 
 
-def test_empty_domain_names_the_age_ranges_and_the_counts(config):
+def test_empty_domain_names_the_age_ranges_and_the_counts(config, builder):
     empty_config = _with(config, young_age_min=117, young_age_max=120)
     with pytest.raises(ValueError, match="young domain is empty") as error:
-        pipeline.create_train_iterator(empty_config, process_index=0, process_count=1)
+        pipeline.create_train_iterator(builder, empty_config, process_index=0, process_count=1)
     assert "young 117-120, old 60-116" in str(error.value)
     assert "found young 0, old " in str(error.value)
 
@@ -293,15 +310,15 @@ def test_empty_domain_names_the_age_ranges_and_the_counts(config):
 def test_real_dataset_without_manual_dir_says_where_to_download_it(tmp_path):
     config = _with(test_config.get_config(), dataset="utk_face", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="config.manual_dir is empty") as error:
-        pipeline.prepare_dataset(config)
+        dataset.prepare_dataset(config)
     assert utkface.HOMEPAGE in str(error.value)
     config.manual_dir = str(tmp_path / "UTKFace.tar.gz")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        pipeline.prepare_dataset(config)
+        dataset.prepare_dataset(config)
     (tmp_path / "faces.tar.gz").write_bytes(b"")
     config.manual_dir = str(tmp_path / "faces.tar.gz")
     with pytest.raises(ValueError, match="is a file but not UTKFace.tar.gz"):
-        pipeline.prepare_dataset(config)
+        dataset.prepare_dataset(config)
 
 
 def test_real_dataset_builds_from_the_archive_path(tmp_path):
@@ -314,10 +331,5 @@ def test_real_dataset_builds_from_the_archive_path(tmp_path):
         data_dir=str(tmp_path / "tfds"),
         manual_dir=str(tmp_path / "UTKFace.tar.gz"),
     )
-    builder = pipeline.prepare_dataset(config)
+    builder = dataset.prepare_dataset(config)
     assert sum(split.num_examples for split in builder.info.splits.values()) == 20
-
-
-def test_unknown_dataset_is_an_error(config):
-    with pytest.raises(ValueError, match="'utk_face' or 'synthetic'"):
-        pipeline.prepare_dataset(_with(config, dataset="imagenet"))

@@ -125,10 +125,3 @@ def test_write_faces_writes_decodable_jpegs_under_their_names(tmp_path):
     with Image.open(tmp_path / "faces" / specs[0].file_name) as image:
         assert image.format == "JPEG"
         assert image.size == (200, 200)
-
-
-def test_write_malformed_files_writes_every_case(tmp_path):
-    names = synthetic.write_malformed_files(tmp_path)
-    assert len(names) == 11
-    assert (tmp_path / synthetic.EMPTY_NAME).stat().st_size == 0
-    assert (tmp_path / synthetic.NOT_JPEG_NAME).read_bytes().startswith(b"\x89PNG")

@@ -10,9 +10,10 @@ from PIL import Image
 
 from input_pipeline import synthetic, utkface
 from input_pipeline.utkface import FaceLabels
+from tests import helpers
 
 NUM_FACES = 40
-# Kept from synthetic.write_malformed_files: the 3 names without race, the space, the missing dot.
+# Kept from helpers.write_malformed_files: the 3 names without race, the space, the missing dot.
 NUM_KEPT_MALFORMED = 5
 EXPECTED_SKIPPED = {
     "age_out_of_range": 1,
@@ -143,7 +144,7 @@ def faces_dir(tmp_path_factory):
     """A manual_dir holding an extracted UTKFace/ folder: synthetic faces and bad files."""
     manual_dir = tmp_path_factory.mktemp("folder_manual")
     synthetic.write_faces(manual_dir / "UTKFace", NUM_FACES, seed=0)
-    synthetic.write_malformed_files(manual_dir / "UTKFace")
+    helpers.write_malformed_files(manual_dir / "UTKFace")
     return manual_dir
 
 
@@ -160,7 +161,7 @@ def archive_build(faces_dir, tmp_path_factory):
     with tarfile.open(manual_dir / "UTKFace.tar.gz", "w:gz") as tar:
         for path in sorted((faces_dir / "UTKFace").iterdir(), reverse=True):
             tar.add(path, arcname=f"UTKFace/{path.name}")
-        data = (faces_dir / "UTKFace" / synthetic.MALFORMED_NAMES[0]).read_bytes()
+        data = (faces_dir / "UTKFace" / helpers.MALFORMED_NAMES[0]).read_bytes()
         for name in ["../20_0_0_20170101000000001.jpg.chip.jpg", f"{escapes}/21_0_0_2017.jpg"]:
             member = tarfile.TarInfo(name)
             member.size = len(data)
@@ -237,3 +238,10 @@ def test_manual_dir_without_faces_says_what_it_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="Found neither UTKFace.tar.gz") as error:
         _build(tmp_path / "manual", tmp_path / "data")
     assert utkface.HOMEPAGE in str(error.value)
+
+
+def test_write_malformed_files_writes_every_case(tmp_path):
+    names = helpers.write_malformed_files(tmp_path)
+    assert len(names) == 11
+    assert (tmp_path / helpers.EMPTY_NAME).stat().st_size == 0
+    assert (tmp_path / helpers.NOT_JPEG_NAME).read_bytes().startswith(b"\x89PNG")

@@ -34,7 +34,7 @@ if num_processes > 1:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
 
 from configs import test as test_config  # noqa: E402
-from faceage_jax import cyclegan, models, train  # noqa: E402
+from faceage_jax import cyclegan, train  # noqa: E402
 from input_pipeline import pipeline  # noqa: E402
 from tests.random_batches import RandomBatches  # noqa: E402
 
@@ -45,7 +45,7 @@ config.log_every_steps = 1
 if data == "random":
     batches = RandomBatches(config.batch_size, config.image_size, process_id, num_processes)
 else:
-    batches = pipeline.create_train_iterator(config)
+    batches = pipeline.create_train_iterator(train.prepare_data(config), config)
 if os.environ.get("SLOW_DATA_SAVES"):
     # Widens the window in which a checkpoint is being written, for tests that kill then.
     save = batches.save
@@ -58,8 +58,7 @@ params = jax.device_get({**state.generator_params, **state.discriminator_params}
 # What the networks compute on fixed images: biases that feed instance norm do not
 # change it, so it is the measure of equality that their rounding noise cannot blur.
 images = np.random.default_rng(123).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-generator = models.create_generator(config)
-discriminator = models.create_discriminator(config)
+generator, discriminator = cyclegan.create_networks(config)
 outputs = {name: generator.apply(params[name], images) for name in cyclegan.GENERATORS} | {
     f"{name}_scores": discriminator.apply(params[name], images) for name in cyclegan.DOMAINS
 }

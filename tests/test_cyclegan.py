@@ -1,6 +1,7 @@
-"""The CycleGAN update step: losses, schedule, and data parallelism with pmap semantics."""
+"""The CycleGAN networks from a config, the update step, and its data parallelism."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -9,17 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from configs import test as test_config
 from faceage_jax import cyclegan, models, parallel
 from faceage_jax import defaults as default_config
+from tests.helpers import abstract_params, count_params, make_config
 
 STEPS_PER_EPOCH = 10
-
-
-def make_config(**overrides):
-    config = test_config.get_config()
-    config.update(overrides)
-    return config
 
 
 def make_batch(batch_size=4, image_size=32, seed=0):
@@ -31,29 +26,20 @@ def make_batch(batch_size=4, image_size=32, seed=0):
     }
 
 
-def build_step(config, num_devices, optimizer=None):
-    """(init, step) over the first `num_devices` devices; `optimizer` replaces Adam."""
+@functools.cache
+def build_step(config_items, num_devices, optimizer=None):
+    """(mesh, init, step) over the first `num_devices` devices; `optimizer` replaces Adam.
+
+    Cached by the config's fields: a step is traced and compiled once however
+    many tests run it.
+    """
+    config = make_config(**dict(config_items))
     mesh = parallel.create_mesh(jax.devices()[:num_devices])
-    learning_rate_fn = cyclegan.create_learning_rate_fn(config, STEPS_PER_EPOCH)
-    tx = optimizer or cyclegan.create_optimizer(config, learning_rate_fn)
-    init = functools.partial(
-        cyclegan.create_train_state,
-        config,
-        generator_tx=tx,
-        discriminator_tx=tx,
-        num_devices=num_devices,
-    )
-    abstract_state = jax.eval_shape(init, jax.random.key(0))
-    per_device = functools.partial(
-        cyclegan.train_step,
-        config=config,
-        generator_tx=tx,
-        discriminator_tx=tx,
-        learning_rate_fn=learning_rate_fn,
-    )
-    step = parallel.launch(per_device, mesh, abstract_state, config.parallelism)
-    init = jax.jit(init, out_shardings=parallel.state_shardings(mesh, abstract_state))
-    return mesh, init, step
+    functions = cyclegan.create_step_functions(config, mesh, STEPS_PER_EPOCH, optimizer=optimizer)
+    return mesh, functions.init, functions.step
+
+
+SGD = optax.sgd(1.0)
 
 
 @functools.cache
@@ -77,8 +63,8 @@ def sgd_step(num_devices, parallelism="shard_map", residual_convs="direct", shar
     again. `test_sharded_step_equals_the_mean_of_single_device_steps_on_its_shards`
     does not depend on it.
     """
-    config = make_config(pool_size=0, parallelism=parallelism, residual_convs=residual_convs)
-    mesh, init, step = build_step(config, num_devices, optax.sgd(1.0))
+    config = (("pool_size", 0), ("parallelism", parallelism), ("residual_convs", residual_convs))
+    mesh, init, step = build_step(config, num_devices, SGD)
     state = init(jax.random.key(0))
     before = jax.device_get((state.generator_params, state.discriminator_params))
     batch = jax.tree.map(lambda images: images[shard or slice(None)], make_batch())
@@ -157,28 +143,22 @@ class CountedLauncher:
     def __init__(self, parallelism):
         config = make_config(parallelism=parallelism)
         self.traces = 0
-        mesh = parallel.create_mesh()
-        learning_rate_fn = cyclegan.create_learning_rate_fn(config, STEPS_PER_EPOCH)
-        tx = cyclegan.create_optimizer(config, learning_rate_fn)
-
-        def counted_step(state, batch):
-            self.traces += 1
-            return cyclegan.train_step(
-                state,
-                batch,
-                config=config,
-                generator_tx=tx,
-                discriminator_tx=tx,
-                learning_rate_fn=learning_rate_fn,
-            )
-
-        init = functools.partial(
-            cyclegan.create_train_state, config, generator_tx=tx, discriminator_tx=tx, num_devices=4
+        adam = cyclegan.create_optimizer(
+            config, cyclegan.create_learning_rate_fn(config, STEPS_PER_EPOCH)
         )
-        abstract_state = jax.eval_shape(init, jax.random.key(0))
-        self.mesh = mesh
-        self.step = parallel.launch(counted_step, mesh, abstract_state, parallelism)
-        self.init = jax.jit(init, out_shardings=parallel.state_shardings(mesh, abstract_state))
+
+        def counted_update(updates, opt_state, params):
+            self.traces += 0.5  # Twice per trace: generators, then discriminators.
+            return adam.update(updates, opt_state, params)
+
+        self.mesh = parallel.create_mesh()
+        functions = cyclegan.create_step_functions(
+            config,
+            self.mesh,
+            STEPS_PER_EPOCH,
+            optimizer=optax.GradientTransformation(adam.init, counted_update),
+        )
+        self.init, self.step = functions.init, functions.step
 
     def run(self, seeds):
         state = self.init(jax.random.key(0))
@@ -231,12 +211,9 @@ def zero_last_conv(module_params):
 
 def test_losses_of_zero_generators_and_discriminators_match_hand_formula():
     config = make_config()
+    networks = cyclegan.create_networks(config)
     init = functools.partial(
-        cyclegan.create_train_state,
-        config,
-        generator_tx=optax.sgd(1.0),
-        discriminator_tx=optax.sgd(1.0),
-        num_devices=1,
+        cyclegan.create_train_state, config, networks=networks, optimizer=SGD, num_devices=1
     )
     state = jax.jit(init)(jax.random.key(0))
     generator_params = jax.tree.map(zero_last_conv, state.generator_params, is_leaf=is_module)
@@ -246,10 +223,7 @@ def test_losses_of_zero_generators_and_discriminators_match_hand_formula():
     batch = make_batch()
     young, old = jnp.asarray(batch["young"]), jnp.asarray(batch["old"])
     generator_losses = functools.partial(
-        cyclegan.generator_losses,
-        generator=models.create_generator(config),
-        discriminator=models.create_discriminator(config),
-        config=config,
+        cyclegan.generator_losses, networks=networks, config=config
     )
     _, (metrics, fake_old, fake_young) = jax.jit(generator_losses)(
         generator_params, discriminator_params, young, old
@@ -269,7 +243,7 @@ def test_losses_of_zero_generators_and_discriminators_match_hand_formula():
     assert float(metrics["generator/total"]) == pytest.approx(expected_total, rel=1e-6)
 
     discriminator_losses = functools.partial(
-        cyclegan.discriminator_losses, discriminator=models.create_discriminator(config)
+        cyclegan.discriminator_losses, discriminator=networks.discriminator
     )
     _, d_metrics = jax.jit(discriminator_losses)(
         discriminator_params,
@@ -288,10 +262,9 @@ def is_module(node):
 
 def generator_input_batches(config, batch_size=4):
     """Batch sizes the generators are called with while tracing the generator loss."""
+    networks = cyclegan.create_networks(config)
     state = jax.eval_shape(
-        lambda: cyclegan.create_train_state(
-            config, jax.random.key(0), optax.sgd(1.0), optax.sgd(1.0), num_devices=1
-        )
+        lambda: cyclegan.create_train_state(config, jax.random.key(0), networks, SGD, num_devices=1)
     )
     images = jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.float32)
     calls = []
@@ -301,12 +274,7 @@ def generator_input_batches(config, batch_size=4):
             calls.append(args[0].shape[0])
         return next_fun(*args, **kwargs)
 
-    loss = functools.partial(
-        cyclegan.generator_losses,
-        generator=models.create_generator(config),
-        discriminator=models.create_discriminator(config),
-        config=config,
-    )
+    loss = functools.partial(cyclegan.generator_losses, networks=networks, config=config)
     with nn.intercept_methods(interceptor):
         jax.make_jaxpr(loss)(state.generator_params, state.discriminator_params, images, images)
     return calls
@@ -341,8 +309,7 @@ def test_few_steps_on_a_fixed_batch_reduce_the_cycle_loss(launchers):
 
 
 def test_bfloat16_step_runs_and_stays_finite():
-    config = make_config(compute_dtype="bfloat16")
-    mesh, init, step = build_step(config, 4)
+    mesh, init, step = build_step((("compute_dtype", "bfloat16"),), 4)
     state = init(jax.random.key(0))
     for seed in range(2):
         state, metrics = step(state, parallel.global_batch(mesh, make_batch(seed=seed)))
@@ -365,41 +332,69 @@ def test_nonfinite_loss_is_flagged_in_the_metrics(launchers):
     assert float(metrics["nonfinite_loss"]) == 1.0
 
 
-def test_batch_not_divisible_by_devices_is_rejected_with_advice():
-    with pytest.raises(ValueError, match="multiple of the number of devices"):
-        parallel.check_batch_divides(6, 4)
+# --- The networks from a config ---------------------------------------------------------------
 
 
-def scheduler_config(batch_size, image_size, num_processes=-1):
+def test_default_config_builds_the_reference_networks():
     config = default_config.get_config()
-    config.batch_size, config.image_size, config.num_processes = (
-        batch_size,
-        image_size,
-        num_processes,
+    generator, discriminator = cyclegan.create_networks(config)
+    assert count_params(abstract_params(generator, 128)) == 11_378_179
+    assert count_params(abstract_params(discriminator, 128)) == 2_764_737
+
+
+def test_residual_convs_auto_is_winograd_on_cpu_in_float32_only():
+    config = default_config.get_config()
+    assert jax.default_backend() == "cpu"
+    assert cyclegan.create_networks(config).generator.winograd
+    config.compute_dtype = "bfloat16"
+    assert not cyclegan.create_networks(config).generator.winograd
+    config.residual_convs = "winograd"
+    assert cyclegan.create_networks(config).generator.winograd
+    config.residual_convs = "direct"
+    config.compute_dtype = "float32"
+    assert not cyclegan.create_networks(config).generator.winograd
+
+
+def convolutions_in_loop_fusions(hlo_text):
+    """Names of compiled HLO's loop fusions that contain a convolution.
+
+    XLA:CPU runs a convolution by its convolution library, alone or in a custom
+    fusion; inside a loop fusion it is emitted as a naive elemental loop.
+    """
+    fusions = re.findall(r"fusion\(.*?kind=(\w+), calls=%([\w.\-]+)", hlo_text)
+    loop_fusions = {name for kind, name in fusions if kind == "kLoop"}
+    return [
+        name
+        for computation in re.split(r"\n(?=\S)", hlo_text)
+        if (match := re.match(r"%([\w.\-]+) ", computation))
+        and (name := match.group(1)) in loop_fusions
+        and " convolution(" in computation
+    ]
+
+
+def test_direct_residual_convs_are_not_scanned_on_cpu():
+    # jax-ml/jax#12868: XLA:CPU emits a convolution's gradient inside a loop body
+    # as a naive loop (the demo step ran 25x slower); the generator loops instead.
+    assert jax.default_backend() == "cpu"
+    config = default_config.get_config()
+    config.update(ngf=32, n_res_blocks=2, residual_convs="direct")
+    images = jnp.zeros((1, 64, 64, 3))
+
+    def compiled_gradient(generator):
+        def loss(params):
+            return generator.apply(params, images).sum()
+
+        params = generator.init(jax.random.key(0), images)
+        return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+
+    generator = cyclegan.create_networks(config).generator
+    assert not generator.scan_blocks
+    assert convolutions_in_loop_fusions(compiled_gradient(generator)) == []
+    # What it avoids: the same generator with its blocks scanned.
+    scanned = compiled_gradient(generator.clone(scan_blocks=True))
+    assert convolutions_in_loop_fusions(scanned), (
+        "no convolution in a loop fusion: XLA fixed it (direct convs may be scanned) "
+        "or its HLO text format changed (fix `convolutions_in_loop_fusions`)"
     )
-    return config
-
-
-def test_large_steps_get_the_memory_minimizing_cpu_scheduler():
-    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
-    assert parallel.choose_xla_cpu_scheduler(scheduler_config(4, 128), environ)
-    assert environ["XLA_FLAGS"] == (
-        "--xla_dump_to=/tmp/x --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    )
-
-
-@pytest.mark.parametrize(
-    "batch_size, image_size, num_processes", [(1, 128, -1), (4, 64, -1), (8, 128, 4)]
-)
-def test_small_steps_keep_the_default_cpu_scheduler(batch_size, image_size, num_processes):
-    environ = {}
-    config = scheduler_config(batch_size, image_size, num_processes)
-    assert not parallel.choose_xla_cpu_scheduler(config, environ)
-    assert environ == {}
-
-
-def test_the_users_cpu_scheduler_choice_is_kept():
-    flag = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
-    environ = {"XLA_FLAGS": flag}
-    assert not parallel.choose_xla_cpu_scheduler(scheduler_config(16, 256), environ)
-    assert environ["XLA_FLAGS"] == flag
+    config.residual_convs = "winograd"
+    assert cyclegan.create_networks(config).generator.scan_blocks

@@ -1,15 +1,14 @@
-"""Restarting the entry points with glibc's huge-page tunable (`faceage_jax.huge_pages`)."""
+"""Process-wide runtime settings: the huge-page restart, the XLA:CPU scheduler choice."""
 
-import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from faceage_jax import huge_pages
+from faceage_jax import defaults as default_config
+from faceage_jax import runtime
+from tests.helpers import start_python
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 GLIBC = (2, 36)
 COMMAND = ["python3", "-m", "faceage_jax.main", "--workdir", "w"]
 
@@ -26,7 +25,7 @@ class FakeExecve:
 
 def reexec(environ, glibc=GLIBC, huge_pages_available=True, execve=None):
     execve = execve or FakeExecve()
-    restarted = huge_pages.reexec_with_huge_pages(
+    restarted = runtime.reexec_with_huge_pages(
         environ,
         argv=COMMAND,
         execve=execve,
@@ -45,7 +44,7 @@ def test_restarts_the_same_command_with_the_tunable_by_this_interpreter():
     assert env == {
         "PATH": "/bin",
         "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
-        huge_pages.RESTARTED: "1",
+        runtime.RESTARTED: "1",
     }
     assert environ == {"PATH": "/bin"}  # The new environment is a copy.
 
@@ -60,7 +59,7 @@ def test_keeps_the_users_other_tunables():
     [
         {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"},  # Opted out.
         {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},  # Set: by the restart or the user.
-        {huge_pages.RESTARTED: "1"},  # Restarted, though the loader dropped the tunable.
+        {runtime.RESTARTED: "1"},  # Restarted, though the loader dropped the tunable.
         {"JAX_PLATFORMS": "cuda"},  # No XLA:CPU step.
     ],
 )
@@ -80,7 +79,7 @@ def test_restarts_where_the_cpu_is_one_of_the_platforms():
 )
 def test_no_restart_where_it_cannot_help(glibc, available):
     # glibc None: another C library.
-    assert not huge_pages.wants_reexec({}, glibc, available)
+    assert not runtime.wants_reexec({}, glibc, available)
     if glibc is not None:
         assert reexec({}, glibc=glibc, huge_pages_available=available) == []
 
@@ -104,35 +103,24 @@ def test_a_failed_restart_goes_on_without_it(capsys):
 def test_reads_the_kernels_huge_page_mode(tmp_path, content, available):
     path = tmp_path / "enabled"
     path.write_text(content)
-    assert huge_pages.transparent_huge_pages_available(str(path)) is available
-    assert not huge_pages.transparent_huge_pages_available(str(tmp_path / "missing"))
+    assert runtime.transparent_huge_pages_available(str(path)) is available
+    assert not runtime.transparent_huge_pages_available(str(tmp_path / "missing"))
 
 
 def test_a_real_restart_runs_the_command_again_in_the_same_process():
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("GLIBC_TUNABLES", huge_pages.RESTARTED, "JAX_PLATFORMS")
-    }
-    if not huge_pages.wants_reexec(
-        environ, huge_pages.glibc_version(), huge_pages.transparent_huge_pages_available()
+    unset = {"GLIBC_TUNABLES": None, runtime.RESTARTED: None, "JAX_PLATFORMS": None}
+    if not runtime.wants_reexec(
+        {}, runtime.glibc_version(), runtime.transparent_huge_pages_available()
     ):
         pytest.skip("no glibc >= 2.35 with transparent huge pages here: nothing to restart")
     script = (
         "import os\n"
-        "from faceage_jax import huge_pages\n"
+        "from faceage_jax import runtime\n"
         "print('start', os.getpid(), os.environ.get('GLIBC_TUNABLES'))\n"
-        "huge_pages.reexec_with_huge_pages()\n"
+        "runtime.reexec_with_huge_pages()\n"
         "print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'))\n"
     )
-    run = subprocess.Popen(
-        [sys.executable, "-c", script],
-        cwd=REPO_ROOT,
-        env=environ,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = start_python("-c", script, env=unset, stderr=subprocess.PIPE)
     stdout, stderr = run.communicate(timeout=60)
     assert run.returncode == 0, stderr
     # The first run's line survives the restart (flushed), the second run does
@@ -143,3 +131,41 @@ def test_a_real_restart_runs_the_command_again_in_the_same_process():
         f"after {run.pid} glibc.malloc.hugetlb=1",
     ]
     assert "Restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in stderr
+
+
+# --- XLA:CPU's scheduler --------------------------------------------------------------------
+
+
+def scheduler_config(batch_size, image_size, num_processes=-1):
+    config = default_config.get_config()
+    config.batch_size, config.image_size, config.num_processes = (
+        batch_size,
+        image_size,
+        num_processes,
+    )
+    return config
+
+
+def test_large_steps_get_the_memory_minimizing_cpu_scheduler():
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert runtime.choose_xla_cpu_scheduler(scheduler_config(4, 128), environ)
+    assert environ["XLA_FLAGS"] == (
+        "--xla_dump_to=/tmp/x --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    )
+
+
+@pytest.mark.parametrize(
+    "batch_size, image_size, num_processes", [(1, 128, -1), (4, 64, -1), (8, 128, 4)]
+)
+def test_small_steps_keep_the_default_cpu_scheduler(batch_size, image_size, num_processes):
+    environ = {}
+    config = scheduler_config(batch_size, image_size, num_processes)
+    assert not runtime.choose_xla_cpu_scheduler(config, environ)
+    assert environ == {}
+
+
+def test_the_users_cpu_scheduler_choice_is_kept():
+    flag = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    environ = {"XLA_FLAGS": flag}
+    assert not runtime.choose_xla_cpu_scheduler(scheduler_config(16, 256), environ)
+    assert environ["XLA_FLAGS"] == flag

@@ -1,14 +1,17 @@
-"""Transparent huge pages for the training step's working memory.
+"""Process-wide runtime settings, set by the entry points (`main`, `bench`) only.
 
-XLA:CPU allocates each execution's temporary buffer (217 MiB for the demo
-config's step) with `malloc` and frees it when the step ends. glibc serves an
-allocation that large with a fresh `mmap`, so every step page-faults on each
-4 KiB page of it again: 55,600 faults and ~0.1 s of kernel time per demo step of
-~0.6 s. With glibc's `glibc.malloc.hugetlb=1` tunable such mappings are advised
-as transparent huge pages (2 MiB): ~440 faults per step, and the demo step ran
-10 % faster (three alternating pairs of `python -m faceage_jax.bench step
---config configs/demo.py` runs, which print the faults per step: +10, +13 and
-0 %). The computation is the same; only the memory under it changes.
+- `reexec_with_huge_pages`: transparent huge pages for the step's working memory.
+- `choose_xla_cpu_scheduler`: XLA:CPU's operation scheduler for the config's step.
+- `enable_compilation_cache`: the persistent XLA cache, so a restart skips compiling.
+- `release_freed_memory`: the compiler's freed memory back to the OS.
+
+Huge pages. XLA:CPU allocates each execution's temporary buffer with `malloc`
+and frees it when the step ends. glibc serves an allocation that large with a
+fresh `mmap`, so every step page-faults on each 4 KiB page of it again. With
+glibc's `glibc.malloc.hugetlb=1` tunable such mappings are advised as
+transparent huge pages (2 MiB): a few hundred faults per step instead of tens of
+thousands, and a faster step on CPU (README, "Benchmarks"). The computation is
+the same; only the memory under it changes.
 
 glibc reads tunables only when a process starts, so the entry points call
 `reexec_with_huge_pages` before anything else (before flags, files or other
@@ -18,13 +21,17 @@ It restarts at most once, and not at all when `GLIBC_TUNABLES` already names
 `glibc.malloc.hugetlb` (`glibc.malloc.hugetlb=0` opts out, e.g. under a
 debugger), with another C library or a glibc older than 2.35, where the kernel's
 transparent huge pages are `never`, or when `JAX_PLATFORMS` leaves out the CPU.
-Standard library only: it runs before flags are parsed and before JAX starts
-a backend.
+That part uses the standard library only: it runs before flags are parsed and
+before JAX starts a backend.
 """
 
+import ctypes
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import ml_collections
 
 TUNABLE = "glibc.malloc.hugetlb"
 SETTING = f"{TUNABLE}=1"
@@ -94,7 +101,7 @@ def reexec_with_huge_pages(
     env[RESTARTED] = "1"
     argv = [sys.executable, *(sys.orig_argv if argv is None else argv)[1:]]
     # Logging is not set up yet (flags are parsed after the restart): plain stderr.
-    say(f"Restarting with GLIBC_TUNABLES={SETTING} (see faceage_jax/huge_pages.py).")
+    say(f"Restarting with GLIBC_TUNABLES={SETTING} (see faceage_jax/runtime.py).")
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()
@@ -109,3 +116,53 @@ def reexec_with_huge_pages(
 def say(message: str) -> None:
     if sys.stderr is not None:
         print(message, file=sys.stderr, flush=True)
+
+
+# Per-process images x pixels from which XLA:CPU's memory-minimizing scheduler is used.
+LARGE_STEP_PIXELS = 4 * 128 * 128
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def choose_xla_cpu_scheduler(config: ml_collections.ConfigDict, environ=os.environ) -> bool:
+    """Picks XLA:CPU's operation scheduler for `config`'s step; True if it set one.
+
+    XLA:CPU's default scheduler runs independent operations side by side: that
+    keeps the cores busy when operations are small (batch 1 at 128x128) but keeps
+    more buffers alive. From 4 images of 128x128 per process single operations
+    fill the cores, and the memory-minimizing scheduler is as fast and needs less
+    memory (README, "Benchmarks"). Adds the flag to `XLA_FLAGS` unless the user
+    set it; XLA reads it when JAX starts its CPU backend, so call this before
+    anything touches a device. No effect on GPUs/TPUs.
+    """
+    if SCHEDULER_FLAG in environ.get("XLA_FLAGS", ""):
+        return False
+    processes = max(config.num_processes, 1)
+    if config.batch_size // processes * config.image_size**2 < LARGE_STEP_PIXELS:
+        return False
+    environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {SCHEDULER_FLAG}=false".strip()
+    return True
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Persistent XLA cache in `directory`, so that a restarted run does not compile again.
+
+    Unless one is set already (for example by JAX_COMPILATION_CACHE_DIR, to share
+    it between runs).
+    """
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def release_freed_memory() -> None:
+    """Returns memory the allocator holds but no longer uses (the XLA compiler's) to the OS.
+
+    After compiling the training step glibc keeps the compiler's freed memory
+    mapped; trimming it lowers the training process's peak memory by as much. A
+    no-op where glibc is not the C library.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)

@@ -1,0 +1,106 @@
+"""The fast layers equal Flax's straightforward ones, parameters and gradients included."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from faceage_jax import layers
+from tests.helpers import (
+    assert_equal_up_to_float32_rounding,
+    flax_conv_transpose,
+    perturbed,
+    value_and_gradients,
+)
+
+
+def test_reflection_pad_mirrors_without_repeating_the_border():
+    x = jax.random.normal(jax.random.key(2), (1, 6, 7, 2))
+    width = 3
+    padded = np.asarray(layers.reflection_pad(x, width))
+    assert padded.shape == (1, 12, 13, 2)
+    np.testing.assert_array_equal(padded[:, width:-width, width:-width], np.asarray(x))
+    # Reflection: padded row `width - k` mirrors padded row `width + k` (the border
+    # row itself is not repeated); likewise for columns. The straightforward
+    # generator below pads with it, and the generator is held equal to that.
+    for k in range(1, width + 1):
+        np.testing.assert_array_equal(padded[:, width - k], padded[:, width + k])
+        np.testing.assert_array_equal(padded[:, :, width - k], padded[:, :, width + k])
+        np.testing.assert_array_equal(padded[:, -1 - width + k], padded[:, -1 - width - k])
+
+
+def test_subpixel_conv_transpose_has_the_parameters_of_flax_conv_transpose():
+    inputs = jnp.zeros((1, 5, 7, 6))
+    fast = layers.SubpixelConvTranspose(4).init(jax.random.key(0), inputs)
+    straightforward = flax_conv_transpose(4).init(jax.random.key(0), inputs)
+    # Same names, shapes and initial values: checkpoints move between the two.
+    assert jax.tree.map(np.shape, fast) == {"params": {"kernel": (3, 3, 6, 4), "bias": (4,)}}
+    jax.tree.map(np.testing.assert_array_equal, fast, straightforward)
+
+
+def test_subpixel_conv_transpose_doubles_height_and_width():
+    outputs = jax.eval_shape(
+        layers.SubpixelConvTranspose(4).init_with_output, jax.random.key(0), jnp.zeros((2, 5, 7, 6))
+    )[0]
+    assert outputs.shape == (2, 10, 14, 4)
+
+
+def test_subpixel_conv_transpose_equals_flax_conv_transpose_with_gradients():
+    # Odd, unequal height and width catch a parity or border mistake.
+    inputs = jax.random.normal(jax.random.key(1), (2, 5, 7, 6))
+    cotangent = jax.random.normal(jax.random.key(2), (2, 10, 14, 4))
+    straightforward = flax_conv_transpose(4)
+    params = perturbed(straightforward.init(jax.random.key(0), inputs))
+
+    expected = value_and_gradients(straightforward, params, inputs, cotangent)
+    actual = value_and_gradients(layers.SubpixelConvTranspose(4), params, inputs, cotangent)
+    assert_equal_up_to_float32_rounding(actual, expected)
+
+
+def test_bfloat16_subpixel_conv_transpose_agrees_with_flax_conv_transpose():
+    inputs = jax.random.normal(jax.random.key(1), (2, 8, 8, 32))
+    params = perturbed(flax_conv_transpose(16).init(jax.random.key(0), inputs))
+    expected = flax_conv_transpose(16, jnp.bfloat16).apply(params, inputs)
+    actual = layers.SubpixelConvTranspose(16, dtype=jnp.bfloat16).apply(params, inputs)
+    assert actual.dtype == expected.dtype == jnp.bfloat16
+    expected, actual = np.asarray(expected, np.float32), np.asarray(actual, np.float32)
+    # Both round the same bfloat16 products; only the summation order differs.
+    assert np.abs(actual - expected).max() < 0.02 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_instance_norm_equals_flax_instance_norm_with_gradients(dtype):
+    # An offset and a scale per channel, as conv outputs have.
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 6, 5, 4))
+    cotangent = jax.random.normal(jax.random.key(1), x.shape)
+    flax_norm = nn.InstanceNorm(
+        epsilon=1e-5, use_scale=False, use_bias=False, use_fast_variance=False, dtype=dtype
+    )
+
+    def flax_layer(x):
+        return flax_norm.apply({}, x)
+
+    expected, flax_pullback = jax.vjp(flax_layer, x)
+    actual, pullback = jax.vjp(functools.partial(layers.instance_norm, dtype=dtype), x)
+    assert actual.dtype == expected.dtype == dtype
+    tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32), np.asarray(expected, np.float32), atol=tolerance
+    )
+    (grad,), (flax_grad,) = (
+        pullback(cotangent.astype(dtype)),
+        flax_pullback(cotangent.astype(dtype)),
+    )
+    scale = np.abs(np.asarray(flax_grad, np.float32)).max()
+    np.testing.assert_allclose(
+        np.asarray(grad, np.float32), np.asarray(flax_grad, np.float32), atol=tolerance * scale
+    )
+
+
+def test_winograd_conv_refuses_what_it_cannot_compute():
+    strided = layers.Conv(4, (3, 3), strides=(2, 2), padding=layers.PAD_1, winograd=True)
+    with pytest.raises(ValueError, match="3x3 stride-1"):
+        strided.init(jax.random.key(0), jnp.zeros((1, 8, 8, 2)))
