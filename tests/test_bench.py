@@ -39,6 +39,7 @@ def test_a_young_and_old_pair_counts_as_one_image():
     assert report.gflops_per_second == 40.0
 
 
+@pytest.mark.slow
 def test_step_command_prints_every_figure():
     output = run_bench("step", "--config", "configs/test.py", "--steps", "2", "--warmup", "0")
 
@@ -62,6 +63,7 @@ def test_step_command_prints_every_figure():
     assert figure(output, "peak RSS") > 0.1
 
 
+@pytest.mark.slow
 def test_model_flops_are_those_of_the_straightforward_step():
     config = make_config()
     mesh = parallel.create_mesh()
@@ -77,6 +79,7 @@ def test_model_flops_are_those_of_the_straightforward_step():
     assert executed["winograd"] < 0.9 * executed["direct"]
 
 
+@pytest.mark.slow
 def test_model_flops_count_every_residual_block(monkeypatch):
     # Direct convolutions run their blocks as a scan off CPU, and XLA's cost
     # analysis counts a scan's body once: count a scanning step here.
@@ -97,6 +100,7 @@ def test_model_flops_count_every_residual_block(monkeypatch):
     assert flops[1] - flops[0] > 0.1 * flops[0]
 
 
+@pytest.mark.slow
 def test_gpu_command_prints_a_row_per_batch_and_dtype():
     output = run_bench(
         "gpu",

@@ -87,6 +87,8 @@ def assert_same_update(expected_grads, expected_metrics, grads, metrics):
         np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sgd_step")
 @pytest.mark.parametrize(
     "num_devices, parallelism", [(2, "shard_map"), (4, "shard_map"), (4, "pmap")]
 )
@@ -101,6 +103,8 @@ def test_sharded_step_equals_single_device_step(num_devices, parallelism):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sgd_step")
 def test_sharded_step_equals_the_mean_of_single_device_steps_on_its_shards():
     # The configuration's own convolutions (Winograd on CPU, the blocks scanned):
     # each device computes what one device computes on its shard, rounding
@@ -119,6 +123,8 @@ def test_sharded_step_equals_the_mean_of_single_device_steps_on_its_shards():
     )
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sgd_step")
 def test_gradient_is_an_average_not_a_sum_over_devices():
     before, single, _ = sgd_step(1)
     _, sharded, _ = sgd_step(4, "shard_map")
@@ -179,6 +185,8 @@ def launchers():
     return results
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("launchers")
 def test_shard_map_and_pmap_launchers_agree_with_pools_and_adam(launchers):
     _, shard_map_result = launchers["shard_map"]
     _, pmap_result = launchers["pmap"]
@@ -189,6 +197,8 @@ def test_shard_map_and_pmap_launchers_agree_with_pools_and_adam(launchers):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("launchers")
 @pytest.mark.parametrize("parallelism", ["shard_map", "pmap"])
 def test_step_is_traced_once(launchers, parallelism):
     launcher, _ = launchers[parallelism]
@@ -209,6 +219,7 @@ def zero_last_conv(module_params):
     return params
 
 
+@pytest.mark.slow
 def test_losses_of_zero_generators_and_discriminators_match_hand_formula():
     config = make_config()
     networks = cyclegan.create_networks(config)
@@ -296,6 +307,8 @@ def test_learning_rate_is_constant_then_decays_linearly_to_zero():
         assert float(learning_rate_fn(step)) == pytest.approx(rate, rel=1e-6, abs=1e-12), step
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("launchers")
 def test_few_steps_on_a_fixed_batch_reduce_the_cycle_loss(launchers):
     launcher, _ = launchers["shard_map"]
     state = launcher.init(jax.random.key(0))
@@ -308,6 +321,7 @@ def test_few_steps_on_a_fixed_batch_reduce_the_cycle_loss(launchers):
     assert cycle[-1] < 0.95 * cycle[0], cycle
 
 
+@pytest.mark.slow
 def test_bfloat16_step_runs_and_stays_finite():
     mesh, init, step = build_step((("compute_dtype", "bfloat16"),), 4)
     state = init(jax.random.key(0))
@@ -320,6 +334,8 @@ def test_bfloat16_step_runs_and_stays_finite():
     )
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("launchers")
 def test_nonfinite_loss_is_flagged_in_the_metrics(launchers):
     launcher, _ = launchers["shard_map"]
     mesh, step = launcher.mesh, launcher.step
@@ -372,6 +388,7 @@ def convolutions_in_loop_fusions(hlo_text):
     ]
 
 
+@pytest.mark.slow
 def test_direct_residual_convs_are_not_scanned_on_cpu():
     # jax-ml/jax#12868: XLA:CPU emits a convolution's gradient inside a loop body
     # as a naive loop (the demo step ran 25x slower); the generator loops instead.

@@ -31,6 +31,7 @@ def test_discriminator_parameter_count_equals_reference():
     assert count_params(params) == 2_764_737
 
 
+@pytest.mark.slow
 def test_generator_maps_128_images_to_128_images_in_tanh_range():
     generator = models.ResnetGenerator(ngf=4, n_res_blocks=1)
     images = jax.random.uniform(jax.random.key(1), (1, 128, 128, 3), minval=-1, maxval=1)
@@ -74,6 +75,7 @@ BFLOAT16_MAX_ABS_ERROR = 0.05
 BFLOAT16_MEAN_ABS_ERROR = 0.01
 
 
+@pytest.mark.slow
 def test_bfloat16_generator_agrees_with_float32():
     images = jax.random.uniform(jax.random.key(3), (2, 64, 64, 3), minval=-1, maxval=1)
     generator32 = models.ResnetGenerator(ngf=16, n_res_blocks=3)
@@ -138,7 +140,7 @@ class StraightforwardGenerator(nn.Module):
         return jnp.tanh(x)
 
 
-@pytest.mark.parametrize("winograd", [False, True])
+@pytest.mark.parametrize("winograd", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_generator_has_the_parameters_of_the_straightforward_generator(winograd):
     images = jnp.zeros((1, 32, 32, 3))
     generator = models.ResnetGenerator(ngf=8, n_res_blocks=2, winograd=winograd)
@@ -150,7 +152,7 @@ def test_generator_has_the_parameters_of_the_straightforward_generator(winograd)
     jax.tree.map(np.testing.assert_array_equal, params, reference)
 
 
-@pytest.mark.parametrize("winograd", [False, True])
+@pytest.mark.parametrize("winograd", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_generator_equals_the_straightforward_generator_with_gradients(winograd):
     images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
     cotangent = jax.random.normal(jax.random.key(2), images.shape)

@@ -35,12 +35,16 @@ def run_elsewhere(installed, directory, *args, timeout=600):
     return run_python(*args, cwd=directory, env={"PYTHONPATH": str(installed)}, timeout=timeout)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("installed")
 def test_wheel_holds_the_packages_and_no_repository_folders(installed):
     names = sorted(path.name for path in installed.iterdir() if not path.name.endswith("-info"))
     assert names == ["faceage_jax", "input_pipeline"]
     assert (installed / "faceage_jax" / "defaults.py").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("installed")
 def test_installed_package_imports_without_the_repository(installed, tmp_path):
     check = (
         "import faceage_jax.train, input_pipeline.pipeline\n"
@@ -54,6 +58,7 @@ def test_installed_package_imports_without_the_repository(installed, tmp_path):
     assert result.stdout.strip().startswith(str(installed)), result.stdout
 
 
+@pytest.mark.xdist_group("installed")
 @pytest.mark.slow
 def test_installed_package_trains_with_a_config_file_from_another_folder(installed, tmp_path):
     elsewhere = tmp_path / "my_project"

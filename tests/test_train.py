@@ -79,6 +79,7 @@ def test_bad_config_fails_before_any_work(tmp_path):
 # --- The loop in this process ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, shared_dirs):
     config = make_config(
         shared_dirs["data_dir"], num_train_steps=8, checkpoint_every_steps=2, log_every_steps=2
@@ -91,6 +92,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     assert steps and max(steps) == 4, steps
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoints_tensorboard_logs_and_sample_grids(
     tmp_path, shared_dirs, monkeypatch
 ):
@@ -106,6 +108,7 @@ def test_run_writes_checkpoints_tensorboard_logs_and_sample_grids(
     assert grids == ["step_00000002.png", "step_00000004.png"]
 
 
+@pytest.mark.slow
 def test_pool_size_zero_trains_saves_and_resumes(tmp_path, shared_dirs):
     config = make_config(shared_dirs["data_dir"], pool_size=0, num_train_steps=2)
     train.train_and_evaluate(config, str(tmp_path))
@@ -129,6 +132,7 @@ class FailingSaves(RandomBatches):
         super().save(directory)
 
 
+@pytest.mark.slow
 def test_a_failed_save_leaves_no_partial_directory_and_the_last_good_checkpoint(
     tmp_path, shared_dirs
 ):
@@ -159,6 +163,8 @@ def uninterrupted_run(tmp_path_factory, shared_dirs):
     return state
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted_run")
 def test_resumed_again_and_again_ends_bitwise_equal_to_an_uninterrupted_run(
     tmp_path, shared_dirs, uninterrupted_run
 ):
@@ -183,6 +189,8 @@ def kill(process):
     assert process.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted_run")
 def test_killed_at_random_points_and_during_a_save_ends_bitwise_equal(
     tmp_path, shared_dirs, uninterrupted_run
 ):
@@ -212,6 +220,7 @@ def test_killed_at_random_points_and_during_a_save_ends_bitwise_equal(
     assert not list(checkpoints.glob("*.orbax-checkpoint-tmp*"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, shared_dirs):
     run = start_python(
         "-m",
@@ -264,6 +273,7 @@ def logged_losses(workdir) -> dict[int, dict[str, float]]:
     return losses
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_all_devices(tmp_path, shared_dirs):
     steps = 3
     single = tmp_path / "single"
@@ -309,6 +319,7 @@ def mean_apparent_age(images) -> float:
     return float(np.mean([synthetic.apparent_age(image) for image in np.asarray(images)]))
 
 
+@pytest.mark.slow
 def test_short_run_on_synthetic_faces_learns_to_age(tmp_path, shared_dirs):
     # Constant learning rate over the run; the reference rate 2e-4.
     config = make_config(
