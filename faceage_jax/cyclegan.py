@@ -150,15 +150,16 @@ def generator_losses(generator_params, discriminator_params, young, old, *, netw
     on, its identity input: instance norm is per image, so batching them is exact.
     """
     num = young.shape[0]
-    apply, discriminator = networks.generator.apply, networks.discriminator
+    # One trace of the generator for its four calls (XLA inlines it: the same program).
+    generate, discriminator = jax.jit(networks.generator.apply), networks.discriminator
     use_identity = config.lambda_identity > 0
     to_old_input = jnp.concatenate([young, old]) if use_identity else young
     to_young_input = jnp.concatenate([old, young]) if use_identity else old
-    to_old_output = apply(generator_params["young_to_old"], to_old_input)
-    to_young_output = apply(generator_params["old_to_young"], to_young_input)
+    to_old_output = generate(generator_params["young_to_old"], to_old_input)
+    to_young_output = generate(generator_params["old_to_young"], to_young_input)
     fake_old, fake_young = to_old_output[:num], to_young_output[:num]
-    reconstructed_young = apply(generator_params["old_to_young"], fake_old)
-    reconstructed_old = apply(generator_params["young_to_old"], fake_young)
+    reconstructed_young = generate(generator_params["old_to_young"], fake_old)
+    reconstructed_old = generate(generator_params["young_to_old"], fake_young)
 
     metrics = {
         "generator/adversarial_young_to_old": losses.least_squares(

@@ -87,6 +87,9 @@ def _tile_products_backward(residuals, grad):
 _tile_products.defvjp(_tile_products_forward, _tile_products_backward)
 
 
+# Jitted so that a step traces it once per shape, not once per call (hundreds of
+# small operations each time); XLA inlines it into the caller's program.
+@jax.jit
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`lax.conv_general_dilated(x, kernel, (1, 1), 'VALID')` in NHWC/HWIO, by Winograd.
 

@@ -168,10 +168,13 @@ def uninterrupted_run(tmp_path_factory, shared_dirs):
 def test_resumed_again_and_again_ends_bitwise_equal_to_an_uninterrupted_run(
     tmp_path, shared_dirs, uninterrupted_run
 ):
-    for steps in range(4, RESUMED_RUN_STEPS + 1, 4):  # 4, then resumed to 8, 12 and 16.
+    # 6, then resumed to 11 and to 16: from a checkpoint of the schedule (every 2
+    # steps), then from the one that ends a run at an odd step.
+    stops = [6, 11, RESUMED_RUN_STEPS]
+    for previous, steps in zip([None, *stops[:-1]], stops, strict=True):
         output = finish(start_worker(shared_dirs, tmp_path, steps))
-        if steps > 4:
-            assert f"Restored the checkpoint of step {steps - 4} " in output, output[-3000:]
+        if previous:
+            assert f"Restored the checkpoint of step {previous} " in output, output[-3000:]
     assert_bitwise_equal(load_final_state(tmp_path), uninterrupted_run)
 
 

@@ -59,8 +59,9 @@ params = jax.device_get({**state.generator_params, **state.discriminator_params}
 # change it, so it is the measure of equality that their rounding noise cannot blur.
 images = np.random.default_rng(123).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
 generator, discriminator = cyclegan.create_networks(config)
-outputs = {name: generator.apply(params[name], images) for name in cyclegan.GENERATORS} | {
-    f"{name}_scores": discriminator.apply(params[name], images) for name in cyclegan.DOMAINS
+generate, score = jax.jit(generator.apply), jax.jit(discriminator.apply)
+outputs = {name: generate(params[name], images) for name in cyclegan.GENERATORS} | {
+    f"{name}_scores": score(params[name], images) for name in cyclegan.DOMAINS
 }
 next_batch = next(batches)
 # Every process takes part: the pools are sharded over the devices of all processes.
