@@ -1,5 +1,6 @@
 """The FID Inception: weights in pytorch-fid's layout, parity with pytorch-fid, the .pth reader."""
 
+import io
 import pickle
 import sys
 
@@ -141,3 +142,65 @@ def test_converter_writes_an_npz_that_loads_to_the_same_variables(tmp_path, caps
     expected = traverse_util.flatten_dict(inception.load_variables(source))
     for name, value in traverse_util.flatten_dict(inception.load_variables(target)).items():
         np.testing.assert_array_equal(value, expected[name])
+
+
+def crafted_zip_pth(path, size, stride, offset=0, numel=6):
+    """A zip-format .pth whose one tensor has the given layout, pickled as torch would."""
+    import types
+    import zipfile
+
+    torch_module, utils_module = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    class FloatStorage:
+        pass
+
+    def _rebuild_tensor_v2(*args):
+        raise AssertionError("never called while pickling")
+
+    FloatStorage.__module__, FloatStorage.__qualname__ = "torch", "FloatStorage"
+    _rebuild_tensor_v2.__module__ = "torch._utils"
+    _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
+    torch_module.FloatStorage, utils_module._rebuild_tensor_v2 = FloatStorage, _rebuild_tensor_v2
+    torch_module._utils = utils_module
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __reduce__(self):
+            return (_rebuild_tensor_v2, (Storage(), offset, size, stride, False, {}))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, Storage):
+                return ("storage", FloatStorage, "0", "cpu", numel)
+            return None
+
+    saved = {name: sys.modules.get(name) for name in ["torch", "torch._utils"]}
+    sys.modules.update({"torch": torch_module, "torch._utils": utils_module})
+    try:
+        buffer = io.BytesIO()
+        Pickler(buffer, protocol=2).dump({"weight": Tensor()})
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name)
+            else:
+                sys.modules[name] = module
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/data/0", np.arange(numel, dtype=np.float32).tobytes())
+    return path
+
+
+def test_reader_refuses_a_tensor_that_would_read_past_its_storage(tmp_path):
+    fine = crafted_zip_pth(tmp_path / "fine.pth", size=(2, 2), stride=(1, 2), offset=2)
+    np.testing.assert_array_equal(
+        torch_weights.load_state_dict(fine)["weight"], [[2.0, 4.0], [3.0, 5.0]]
+    )
+    overrun = crafted_zip_pth(tmp_path / "overrun.pth", size=(1000,), stride=(1,))
+    with pytest.raises(pickle.UnpicklingError, match="overruns its storage"):
+        torch_weights.load_state_dict(overrun)
+    negative = crafted_zip_pth(tmp_path / "negative.pth", size=(2,), stride=(-1,), offset=3)
+    with pytest.raises(pickle.UnpicklingError, match="bad tensor layout"):
+        torch_weights.load_state_dict(negative)

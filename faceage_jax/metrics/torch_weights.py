@@ -48,6 +48,16 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
     A view, not a copy: the legacy format's storage bytes come after the pickle,
     and are read into the storages once it is loaded. `load_state_dict` copies.
     """
+    size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+    if len(size) != len(stride) or min((*size, *stride, offset), default=0) < 0:
+        raise pickle.UnpicklingError(f"bad tensor layout: size {size}, stride {stride}")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if all(size) and last >= len(storage):
+        # as_strided does not check: a crafted file would read memory past the storage.
+        raise pickle.UnpicklingError(
+            f"tensor of size {size}, stride {stride} at {offset} overruns its storage "
+            f"of {len(storage)} elements"
+        )
     return np.lib.stride_tricks.as_strided(
         storage[offset:],
         shape=tuple(size),
