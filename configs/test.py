@@ -36,4 +36,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 2
     config.keep_checkpoints = 2
     config.keep_checkpoints_every_steps = 0
+    config.eval_every_steps = 0
     return config

@@ -368,3 +368,52 @@ def preemption_requested(manager: ocp.CheckpointManager, step: int) -> bool:
             "Preemption requested: saving the checkpoint of step %d and stopping.", step
         )
     return requested
+
+
+def restore_generator_params(
+    workdir: str | os.PathLike, abstract_params: PyTree, step: int | None = None
+) -> tuple[PyTree, int]:
+    """Only the generators' parameters of a checkpoint, for evaluation and export.
+
+    `abstract_params` is {'young_to_old': ..., 'old_to_young': ...} with
+    `jax.ShapeDtypeStruct` leaves (their shardings say where the arrays go). Reads
+    the newest checkpoint, or `step`; nothing else of the state is read, so any
+    number of devices can read a checkpoint that any number wrote. Raises
+    FileNotFoundError, naming what exists, when there is no such checkpoint.
+    """
+    directory = epath.Path(workdir) / CHECKPOINTS_SUBDIR
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(
+                f"No checkpoint in {directory}: train first (python -m faceage_jax.main "
+                "--config ... --workdir ...) or pass the workdir of a trained run."
+            )
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint of step {step} in {directory}; the checkpoints are of steps "
+                f"{steps}."
+            )
+        item = {"generator_params": abstract_params}
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE_ITEM: ocp.args.PyTreeRestore(
+                        item=item,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                        partial_restore=True,
+                    )
+                }
+            ),
+        )
+    finally:
+        manager.close()
+    return restored[STATE_ITEM]["generator_params"], step

@@ -31,6 +31,7 @@ def validate(
     _check_choices(config)
     _check_image_size(config)
     _check_age_ranges(config)
+    _check_evaluation(config)
     for count, what in [(num_devices, "devices"), (num_processes, "processes")]:
         if count is not None and config.batch_size % count:
             raise ConfigError(
@@ -185,4 +186,23 @@ def _check_age_ranges(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"The age ranges overlap: young [{young[0]}, {young[1]}] and old "
             f"[{old[0]}, {old[1]}]; a face must belong to one domain only."
+        )
+
+
+def _check_evaluation(config: ml_collections.ConfigDict) -> None:
+    if not config.eval_every_steps >= 0:
+        raise ConfigError(
+            f"config.eval_every_steps={config.eval_every_steps}: use a positive number of steps "
+            "between evaluations during training, or 0 to evaluate only with "
+            "`python -m faceage_jax.evaluate`."
+        )
+    if config.eval_num_faces != -1 and not config.eval_num_faces >= 3:
+        raise ConfigError(
+            f"config.eval_num_faces={config.eval_num_faces}: evaluate at least 3 held-out faces "
+            "per domain, or -1 for all of them."
+        )
+    if not config.eval_bootstrap_resamples >= 0 or 0 < config.eval_bootstrap_resamples < 10:
+        raise ConfigError(
+            f"config.eval_bootstrap_resamples={config.eval_bootstrap_resamples}: use 0 (no "
+            "intervals) or at least 10 resamples (100 is the default)."
         )

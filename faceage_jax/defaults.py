@@ -63,6 +63,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # The newest N are kept...
     config.keep_checkpoints_every_steps = 20000  # ...and every K steps forever (0: none).
 
+    # Evaluation on held-out faces (`python -m faceage_jax.evaluate`, README "Evaluation").
+    config.eval_every_steps = 50000  # Also evaluate during training every N steps; 0: never.
+    config.eval_num_faces = -1  # Held-out faces per domain to evaluate; -1: all of them.
+    config.eval_bootstrap_resamples = 100  # For the 95 % intervals; 0: no intervals.
+    # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz); '': no FID/KID.
+    config.inception_weights = ""
+
     # Multi-host (jax.distributed); empty/-1 means detect (TPU VM) or single process.
     config.coordinator_address = ""
     config.num_processes = -1

@@ -4,7 +4,6 @@ This file is intentionally kept short; the logic is in libraries that can be
 tested and imported.
 """
 
-import logging as std_logging
 import os
 
 import jax
@@ -45,21 +44,10 @@ def initialize_distributed(config) -> None:
         jax.distributed.initialize()  # Cloud TPU pod slice: JAX finds its peers.
 
 
-class LibraryInfoFilter(std_logging.Filter):
-    """Keeps the console readable: other libraries' INFO lines are dropped, warnings kept."""
-
-    OWN = ("faceage_jax", "input_pipeline", "clu")
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or any(
-            f"{os.sep}{name}{os.sep}" in record.pathname for name in self.OWN
-        )
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(LibraryInfoFilter())
+    logging.get_absl_handler().addFilter(runtime.LibraryInfoFilter())
     config = FLAGS.config
     runtime.choose_xla_cpu_scheduler(config)  # Before JAX starts its backends.
     initialize_distributed(config)
@@ -78,6 +66,11 @@ def main(argv):
     train.train_and_evaluate(config, FLAGS.workdir)
 
 
-if __name__ == "__main__":
+def run():
+    """`python -m faceage_jax.main` and the console script `faceage-train`."""
     runtime.reexec_with_huge_pages()  # Before flags are read; does not return if it restarts.
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -26,6 +26,7 @@ before JAX starts a backend.
 """
 
 import ctypes
+import logging as std_logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -166,3 +167,14 @@ def release_freed_memory() -> None:
     except OSError:
         return
     libc.malloc_trim(0)
+
+
+class LibraryInfoFilter(std_logging.Filter):
+    """Keeps the console readable: other libraries' INFO lines are dropped, warnings kept."""
+
+    OWN = ("faceage_jax", "input_pipeline", "clu")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or any(
+            f"{os.sep}{name}{os.sep}" in record.pathname for name in self.OWN
+        )

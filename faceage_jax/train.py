@@ -3,6 +3,7 @@
 `train_and_evaluate` is what `python -m faceage_jax.main` runs.
 """
 
+import functools
 import os
 import time
 
@@ -113,6 +114,14 @@ def train_and_evaluate(
         jax.device_count(),
         jax.process_count(),
     )
+    evaluator = None
+    if config.eval_every_steps and jax.process_index() == 0:
+        from faceage_jax import evaluate, faces
+
+        models = faces.FaceModels()  # Fails now, not after hours, if a model is missing.
+        evaluator = functools.partial(
+            evaluate.evaluate, config, workdir, builder=builder, models=models
+        )
     sample_faces = pipeline.load_sample_faces(builder, config)
     sampler = samples.create_sampler(config)
     report_progress = periodic_actions.ReportProgress(
@@ -153,6 +162,9 @@ def train_and_evaluate(
                 checkpointing.save(manager, step, state, train_iterator)
             if step % config.sample_every_steps == 0 or step == num_train_steps:
                 write_samples(writer, workdir, step, sampler(state.generator_params, sample_faces))
+            if evaluator is not None and step % config.eval_every_steps == 0:
+                # Process 0 only, after the save: the other processes wait at the next step.
+                writer.write_scalars(step, evaluator(state.generator_params, step).scalars())
             if preempted:
                 logging.warning("Stopped at step %d after a preemption request.", step)
                 break

@@ -68,7 +68,8 @@ def jitter(image: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
 def _eval_image(image_size: int, record: dict) -> dict:
     image = tf.io.decode_jpeg(record["image"], channels=3)
     image = tf.image.resize(image, [image_size] * 2, antialias=True)
-    return {"image": _to_unit_range(image), "age": record["age"], "file_name": record["file_name"]}
+    labels = {key: record[key] for key in ("age", "gender", "race", "file_name")}
+    return {"image": _to_unit_range(image), **labels}
 
 
 def _with_options(data: tf.data.Dataset) -> tf.data.Dataset:
@@ -278,16 +279,19 @@ def create_eval_dataset(
     process_index=None,
     process_count=None,
     drop_remainder: bool = False,
+    split: str = "test",
 ) -> tf.data.Dataset:
-    """Held-out faces of one domain, in stored order, resized to image_size, no jitter.
+    """Faces of one domain of `split` (held out by default), in stored order, resized to
+    image_size, no jitter.
 
-    Yields {'image': [B, H, W, 3] float32 in [-1, 1], 'age': [B], 'file_name': [B]};
-    B is the global `batch_size` (default config.batch_size) over the process count.
+    Yields {'image': [B, H, W, 3] float32 in [-1, 1], 'age', 'gender', 'race': [B],
+    'file_name': [B]}; B is the global `batch_size` (default config.batch_size) over the
+    process count.
     """
     process_index, process_count = _process_defaults(process_index, process_count)
     host_batch_size = _host_batch_size(batch_size or config.batch_size, process_count)
     split = tfds.split_for_jax_process(
-        "test", process_index=process_index, process_count=process_count
+        split, process_index=process_index, process_count=process_count
     )
     records = dataset.select_ages(dataset.read_faces(builder, split), age_ranges(config)[domain])
     images = records.map(

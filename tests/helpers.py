@@ -72,6 +72,23 @@ def run_python(*args, cwd=REPO_ROOT, env=None, timeout=600) -> subprocess.Comple
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+def logged_scalars(workdir, prefixes: tuple[str, ...]) -> dict[int, dict[str, float]]:
+    """{step: {tag: value}} of the tags with these prefixes in a run's TensorBoard file."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_accumulator
+
+    (events,) = epath.Path(workdir).glob("events.out.tfevents.*")
+    accumulator = event_accumulator.EventAccumulator(str(events), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    scalars = {}
+    for tag in accumulator.Tags()["tensors"]:
+        if tag.startswith(prefixes):
+            for event in accumulator.Tensors(tag):
+                value = float(tf.make_ndarray(event.tensor_proto))
+                scalars.setdefault(event.step, {})[tag] = value
+    return scalars
+
+
 # --- Equality of a fast layer or network with its straightforward form ----------------------
 
 

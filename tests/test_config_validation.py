@@ -26,6 +26,11 @@ from tests.helpers import make_config
         ({"keep_checkpoints": 0}, "keep_checkpoints=0: at least the newest"),
         ({"keep_checkpoints_every_steps": -1}, "or 0 to keep only the newest"),
         ({"num_train_steps": 0}, "num_train_steps must be positive"),
+        ({"eval_every_steps": -1}, "or 0 to evaluate only with"),
+        ({"eval_num_faces": 2}, "at least 3 held-out faces"),
+        ({"eval_num_faces": 0}, "or -1 for all of them"),
+        ({"eval_bootstrap_resamples": 5}, "at least 10 resamples"),
+        ({"eval_bootstrap_resamples": -1}, "use 0 .no intervals."),
     ],
 )
 def test_bad_config_value_is_rejected_with_a_clear_message(overrides, message):

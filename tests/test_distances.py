@@ -110,3 +110,60 @@ def test_bootstrap_interval_covers_the_true_mean_difference_about_95_percent_of_
 def test_statistics_need_two_features():
     with pytest.raises(ValueError, match="N >= 2"):
         distances.statistics(np.zeros((1, 8)))
+
+
+def test_the_gram_form_equals_sqrtm_and_eigh_with_fewer_faces_than_dimensions():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 100))
+    y = rng.normal(size=(45, 100)) * 1.3 + 0.2
+    expected = distances.frechet_distance_of_features(x, y, method="eigh")
+    for first, second in [(x, y), (y, x)]:
+        gram = distances.frechet_distance_of_features(first, second, method="gram")
+        assert gram == pytest.approx(expected, rel=1e-9)
+    # And with more faces than dimensions, where sqrtm needs no offset.
+    x, y = rng.normal(size=(300, 8)), rng.normal(size=(200, 8)) + 0.5
+    assert distances.frechet_distance_of_features(x, y, method="gram") == pytest.approx(
+        distances.frechet_distance_of_features(x, y, method="sqrtm"), rel=1e-9
+    )
+
+
+def test_the_frechet_interval_is_the_estimate_plus_minus_z_times_the_bootstrap_spread():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(40, 30)), rng.normal(size=(50, 30)) + 0.3
+    interval = distances.frechet_bootstrap_interval(x, y, resamples=30, seed=5)
+    # The same resamples, each computed from scratch.
+    draws = np.random.default_rng(5)
+    values = []
+    for _ in range(30):
+        i, j = draws.integers(0, 40, 40), draws.integers(0, 50, 50)
+        values.append(distances.frechet_distance_of_features(x[i], y[j], method="eigh"))
+    estimate = distances.frechet_distance_of_features(x, y, method="eigh")
+    half = 1.959963984540054 * np.std(values, ddof=1)
+    assert interval.method == "normal"
+    assert interval.low == pytest.approx(estimate - half, rel=1e-7)
+    assert interval.high == pytest.approx(estimate + half, rel=1e-7)
+
+
+def test_the_frechet_interval_covers_the_true_distance_about_95_percent_of_the_time():
+    # Two dimensions, many faces: the estimate's bias is small against its spread.
+    rng = np.random.default_rng(3)
+    # |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) for diagonal S1 = I, S2 = diag(1, 2.25).
+    true = 0.5**2 + (1 + 1 - 2 * 1) + (1 + 2.25 - 2 * 1.5)
+    covered = 0
+    for trial in range(40):
+        x = rng.normal(size=(150, 2)) * [1.0, 1.0]
+        y = rng.normal(size=(150, 2)) * [1.0, 1.5] + [0.5, 0.0]
+        interval = distances.frechet_bootstrap_interval(x, y, resamples=40, seed=trial)
+        covered += interval.low <= true <= interval.high
+    assert covered >= 33, covered
+
+
+def test_the_kid_interval_covers_zero_for_one_distribution_and_not_for_two():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
+    same = distances.kid_bootstrap_interval(x, y, resamples=100)
+    assert same.low <= 0 <= same.high
+    estimate = distances._mmd2_unbiased(x, y)
+    assert same.low <= estimate <= same.high
+    shifted = distances.kid_bootstrap_interval(x, y + 0.5, resamples=100)
+    assert shifted.low > 0

@@ -106,6 +106,7 @@ def test_run_writes_checkpoints_tensorboard_logs_and_sample_grids(
     assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard event file"
     grids = sorted(path.name for path in (workdir / "samples").iterdir())
     assert grids == ["step_00000002.png", "step_00000004.png"]
+    assert not (workdir / "eval").exists()  # eval_every_steps=0: no evaluation.
 
 
 @pytest.mark.slow
@@ -261,19 +262,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, shared_dirs):
 
 def logged_losses(workdir) -> dict[int, dict[str, float]]:
     """{step: {loss name: value}} from the TensorBoard event file of a run."""
-    import tensorflow as tf
-    from tensorboard.backend.event_processing import event_accumulator
-
-    (events,) = epath.Path(workdir).glob("events.out.tfevents.*")
-    accumulator = event_accumulator.EventAccumulator(str(events), size_guidance={"tensors": 0})
-    accumulator.Reload()
-    losses = {}
-    for tag in accumulator.Tags()["tensors"]:
-        if tag.startswith(("generator/", "discriminator/")):
-            for event in accumulator.Tensors(tag):
-                value = float(tf.make_ndarray(event.tensor_proto))
-                losses.setdefault(event.step, {})[tag] = value
-    return losses
+    return helpers.logged_scalars(workdir, ("generator/", "discriminator/"))
 
 
 @pytest.mark.slow
