@@ -102,7 +102,12 @@ def headline(metrics) -> list[str]:
             lines.append(
                 f"  {label}: {_format(block['model'], digits=2)} "
                 f"(floor {_format(block['floor'], digits=2)}, "
-                f"ceiling {_format(block['ceiling'], digits=2)})"
+                f"ceiling {_format(block['ceiling'], digits=2)}), N={block['model']['n']}"
+                + (
+                    " (under 2,048: biased upward; compare only at equal N)"
+                    if space == "inception" and block["model"]["n"] < 2048
+                    else ""
+                )
             )
     return lines
 

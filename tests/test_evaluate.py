@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from faceage_jax import evaluate, train
+from faceage_jax import cyclegan, evaluate, train
 from faceage_jax.metrics import inception
 from tests import helpers
 from tests.reference import seeded
@@ -224,3 +224,51 @@ def test_means_and_shares_have_percentile_intervals_that_cover_them():
     assert entry["high"] - entry["low"] == pytest.approx(2 * 1.96 / 20, rel=0.25)
     assert evaluate._mean([np.nan], 100) == {"value": None, "n": 0}
     assert "low" not in evaluate._mean(values, 0)
+
+
+@pytest.mark.slow
+def test_a_real_face_dataset_is_read_by_the_face_models(tmp_path):
+    """UTKFace-format files of a real photo (the astronaut, varied) through the evaluation."""
+    import skimage.data
+    from PIL import Image, ImageEnhance
+
+    from input_pipeline import dataset
+
+    photo = Image.fromarray(skimage.data.astronaut()[0:300, 100:400]).resize((200, 200))
+    faces_dir = tmp_path / "manual" / "UTKFace"
+    faces_dir.mkdir(parents=True)
+    for index in range(40):
+        # The same face, lighter or darker, mirrored or not: files of distinct content.
+        image = ImageEnhance.Brightness(photo).enhance(0.8 + 0.01 * index)
+        if index % 2:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        age = 25 if index < 20 else 65  # The labels; the photo is one adult woman.
+        image.save(faces_dir / f"{age}_1_0_20170101{index:09d}.jpg.chip.jpg", quality=92)
+    config = _with(
+        helpers.make_config(),
+        dataset="utk_face",
+        data_dir=str(tmp_path / "tfds"),
+        manual_dir=str(faces_dir),
+        test_share=0.5,
+        image_size=64,
+        load_size=72,
+        eval_bootstrap_resamples=20,
+    )
+    builder = dataset.prepare_dataset(config)
+    generator = cyclegan.create_networks(config).generator
+    params = {
+        name: generator.init(jax.random.key(i), np.zeros((1, 64, 64, 3), np.float32))
+        for i, name in enumerate(cyclegan.GENERATORS)
+    }
+    result = evaluate.evaluate(config, tmp_path / "run", params, 0, builder=builder)
+    metrics = result.metrics
+    for key in ("test_young", "test_old", "train_young", "train_old"):
+        found, total = metrics["faces_found"][key]
+        assert total >= 3 and found == total, metrics["faces_found"]  # A real face: always found.
+    for direction in evaluate.DIRECTIONS:
+        ages = metrics[direction]["all"]["predicted_age"]
+        for column in ("floor", "ceiling"):
+            assert 20 <= ages[column]["value"] <= 60, ages  # She was about 40.
+        assert metrics[direction]["embedding"]["floor"]["value"] is not None
+    assert (result.directory / "report.md").exists()
+    assert "hair greyness" not in (result.directory / "report.md").read_text()
