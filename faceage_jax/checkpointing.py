@@ -23,6 +23,9 @@ Layout on disk::
                                     never read; `close` or a new manager deletes it.
       3000.unreadable-<time>/       A checkpoint that failed to restore, moved
                                     aside when an older one was restored instead.
+    workdir/config.json             The run's config, written at every start: what
+                                    the export and the photo tool rebuild the
+                                    generators from.
 
 A save writes into the temporary directory and renames it to the step when
 every process has finished (on GCS, which cannot rename, the step directory
@@ -43,6 +46,7 @@ the save and exits.
 """
 
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -61,6 +65,7 @@ from jax.experimental import multihost_utils
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 CHECKPOINTS_SUBDIR = "checkpoints"
+CONFIG_FILE = "config.json"
 # Orbax names a save in progress <step><suffix>-<time>.
 TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -417,3 +422,30 @@ def restore_generator_params(
     finally:
         manager.close()
     return restored[STATE_ITEM]["generator_params"], step
+
+
+def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Writes `workdir/config.json` (replaced whole: never a half-written file)."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    temporary = path.parent / f"{CONFIG_FILE}.tmp-{os.getpid()}"
+    temporary.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    temporary.rename(path)
+
+
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was started with, over today's defaults.
+
+    Fields added since the run take their defaults. Raises FileNotFoundError,
+    saying what to pass instead, when the workdir has no config.json.
+    """
+    from faceage_jax import defaults
+
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir} is not the workdir of a training run, or the "
+            "run predates config.json; pass the run's config with --config configs/<name>.py."
+        )
+    config = defaults.get_config()
+    config.update(json.loads(path.read_text()))
+    return config

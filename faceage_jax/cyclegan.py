@@ -87,6 +87,16 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array
 
 
+def init_generator_params(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, Any]:
+    """Freshly initialized parameters of both generators: {'young_to_old': ..., ...}."""
+    generator = create_networks(config).generator
+    size = config.image_size
+    return {
+        name: generator.init(jax.random.key(seed + index), jnp.zeros((1, size, size, 3)))
+        for index, name in enumerate(GENERATORS)
+    }
+
+
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int):
     """Constant for `num_epochs`, then linear decay to 0 over `num_decay_epochs` (in steps)."""
     constant_steps = config.num_epochs * steps_per_epoch

@@ -708,13 +708,9 @@ def main(argv):
 
 def run():
     """The console script `faceage-evaluate` and `python -m faceage_jax.evaluate`."""
-    from absl import app
-
     from faceage_jax import runtime
 
-    _define_flags()
-    logging.get_absl_handler().addFilter(runtime.LibraryInfoFilter())
-    app.run(main)
+    runtime.run_app(main, _define_flags)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from etils import epath
@@ -77,18 +76,14 @@ def main(argv):
     started = time.monotonic()
     builder = dataset.prepare_dataset(config)
     print(f"synthetic faces: {config.num_synthetic_faces} in {time.monotonic() - started:.0f} s")
-    generator = cyclegan.create_networks(config).generator
-    size = config.image_size
-    params = {
-        name: generator.init(jax.random.key(index), jnp.zeros((1, size, size, 3)))
-        for index, name in enumerate(cyclegan.GENERATORS)
-    }
+    params = cyclegan.init_generator_params(config)
     for run in ("cold", "warm"):
         result = evaluate.evaluate(config, workdir / "run", params, 0, builder=builder)
         metrics = result.metrics
         n = metrics["young_to_old"]["all"]["faces"], metrics["old_to_young"]["all"]["faces"]
         print(
-            f"{run}: {metrics['seconds']:.0f} s for {n[0]} young and {n[1]} old faces at {size}px"
+            f"{run}: {metrics['seconds']:.0f} s for {n[0]} young and {n[1]} old faces "
+            f"at {config.image_size}px"
         )
         for stage, seconds in metrics["seconds_by_stage"].items():
             images = {

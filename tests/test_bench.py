@@ -128,3 +128,14 @@ def test_the_benchmark_needs_neither_tensorflow_nor_clu():
     result = run_python("-c", probe, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+def test_the_photo_benchmark_prints_every_stage_for_both_photo_sizes():
+    output = run_bench("photo", "--config", "configs/test.py", "--steps", "1")
+    assert re.search(r"^model load: [0-9.]+ s to read 32px generators", output, re.MULTILINE)
+    for photo in ("12 MP", "1 MP"):
+        for stage in ("decode", "detect_align", "generator", "paste_back", "encode"):
+            assert re.search(rf"^\| {photo} \| {stage} \| [0-9.]+ \| [0-9.]+ \|$", output, re.M)
+        total = re.search(rf"^\| {photo} \| \*\*total\*\* \| \*\*([0-9.]+)\*\*", output, re.M)
+        assert total and float(total.group(1)) > 0, output

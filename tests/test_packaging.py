@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+import skimage.data
+from PIL import Image
 
 from tests.helpers import REPO_ROOT, run_python
 
@@ -43,7 +45,9 @@ def test_wheel_holds_the_packages_and_no_repository_folders(installed):
     assert (installed / "faceage_jax" / "defaults.py").exists()
     # The console scripts pip writes from [project.scripts].
     assert sorted(path.name for path in (installed / "bin").iterdir()) == [
+        "faceage-age-photo",
         "faceage-evaluate",
+        "faceage-export",
         "faceage-train",
     ]
 
@@ -84,6 +88,17 @@ def test_installed_package_trains_with_a_config_file_from_another_folder(install
     assert result.returncode == 0, result.stderr[-5000:]
     assert (elsewhere / "run" / "checkpoints" / "1" / "commit_success.txt").exists()
     assert (elsewhere / "tfds").is_dir()  # Relative paths are the caller's, not the package's.
+
+    # The trained run exports, and the exported file ages a photo, from that folder too.
+    result = run_elsewhere(installed, elsewhere, "-m", "faceage_jax.export", "--workdir", "run",
+                           "-o", "model.faceage")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    Image.fromarray(skimage.data.astronaut()).save(elsewhere / "me.jpg")
+    result = run_elsewhere(installed, elsewhere, "-m", "faceage_jax.age_photo", "--exported",
+                           "model.faceage", "me.jpg", "-o", "me_aged.jpg")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "1 aged" in result.stdout
+    assert Image.open(elsewhere / "me_aged.jpg").size == (512, 512)
 
 
 # The one conflict `pip check` may report, and why it is accepted (README, "Evaluation"):
