@@ -20,6 +20,7 @@ processed, and the exit status is non-zero only if none was.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import pathlib
 import sys
@@ -43,6 +44,18 @@ DEFAULT_BATCH = 8  # Photos decoded, aligned and translated together.
 
 class PhotoError(ValueError):
     """A photo that cannot be aged; str() is one line naming the file and what to do."""
+
+
+class NotAnImageError(PhotoError):
+    """Pillow cannot identify the file as an image."""
+
+
+class CorruptImageError(PhotoError):
+    """An image that cannot be decoded: truncated or corrupt."""
+
+
+class TooManyPixelsError(PhotoError):
+    """More pixels than the limit (a decompression bomb, or just too large)."""
 
 
 class NoFaceError(PhotoError):
@@ -90,8 +103,17 @@ class Timings:
             self.seconds[stage] += time.perf_counter() - start
 
 
+@functools.cache
+def _register_heif() -> None:
+    """Lets Pillow open HEIC/HEIF, the format iPhones take photos in (pillow-heif)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+
+
 def read_photo(source, name: str, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> Photo:
-    """Decodes a file path or bytes (anything Pillow reads), upright, as RGB (+ alpha)."""
+    """Decodes a file path or bytes (anything Pillow reads, HEIC too), upright, as RGB (+ alpha)."""
+    _register_heif()
     if isinstance(source, bytes | bytearray):
         import io
 
@@ -101,18 +123,18 @@ def read_photo(source, name: str, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
     except UnidentifiedImageError:
-        raise PhotoError(
+        raise NotAnImageError(
             f"{name} is not an image Pillow can read: give a JPEG, PNG or WebP."
         ) from None
     except Image.DecompressionBombError as error:
-        raise PhotoError(f"{name} has too many pixels ({error}).") from None
+        raise TooManyPixelsError(f"{name} has too many pixels ({error}).") from None
     except OSError as error:
-        raise PhotoError(f"{name} cannot be read ({error}).") from None
+        raise CorruptImageError(f"{name} cannot be read ({error}).") from None
     with image:
         width, height = image.size
         megapixels = width * height / 1e6
         if megapixels > max_megapixels:
-            raise PhotoError(
+            raise TooManyPixelsError(
                 f"{name} is {width}x{height} = {megapixels:.0f} megapixels, over the limit of "
                 f"{max_megapixels:g}: resize it, or raise --max-megapixels if you trust the file."
             )
@@ -120,7 +142,7 @@ def read_photo(source, name: str, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
             image.load()
             upright = ImageOps.exif_transpose(image)
         except (OSError, SyntaxError, ValueError) as error:
-            raise PhotoError(
+            raise CorruptImageError(
                 f"{name} could not be decoded ({error}): it is truncated or corrupt; copy or "
                 "download it again."
             ) from None
@@ -373,15 +395,16 @@ def plan_outputs(inputs: list[str], output: str, overwrite: bool):
     return plan, to_folder
 
 
-def load_generators(args):
-    if args.exported:
-        return export.load(args.exported)
+def load_generators(exported=None, workdir=None, step=None, config_file=None):
+    """`export.Generators` from an exported file, or from a training run's checkpoint."""
+    if exported:
+        return export.load(exported)
     config = None
-    if args.config:
+    if config_file:
         from ml_collections import config_flags
 
-        config = config_flags.load_config_file(args.config)
-    return export.from_checkpoint(args.workdir, args.step, config)
+        config = config_flags.load_config_file(config_file)
+    return export.from_checkpoint(workdir, step, config)
 
 
 def main(argv=None) -> int:
@@ -397,7 +420,7 @@ def main(argv=None) -> int:
     if not plan:
         parser.error(f"no image files in {', '.join(args.inputs)}")
     try:
-        generators = load_generators(args)
+        generators = load_generators(args.exported, args.workdir, args.step, args.config)
     except (FileNotFoundError, export.ExportError, faces.MissingModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

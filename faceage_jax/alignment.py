@@ -163,9 +163,14 @@ def paste_change(photo: np.ndarray, change: np.ndarray, transform) -> tuple[np.n
         return photo, (0, 0, 0, 0)
     rows, cols = support[:, 0], support[:, 1]
     chip_box = np.array(
-        [[cols.min(), rows.min()], [cols.max() + 1, rows.min()], [cols.min(), rows.max() + 1],
-         [cols.max() + 1, rows.max() + 1]], float
-    )  # fmt: skip
+        [
+            [cols.min(), rows.min()],
+            [cols.max() + 1, rows.min()],
+            [cols.min(), rows.max() + 1],
+            [cols.max() + 1, rows.max() + 1],
+        ],
+        float,
+    )
     corners = transform.inverse(chip_box)
     height, width = photo.shape[:2]
     left, top = np.clip(np.floor(corners.min(0)).astype(int) - 1, 0, [width, height])

@@ -4,6 +4,7 @@ Run, from the repository root:
   python -m faceage_jax.bench step --config configs/demo.py [--steps 10 --warmup 2]
   python -m faceage_jax.bench gpu [--batch_sizes=1,8,32,64 --dtypes=float32,bfloat16]
   python -m faceage_jax.bench photo [--config configs/<name>.py --steps 10]
+  python -m faceage_jax.bench serve [--config configs/<name>.py --steps 20]
 
 `step` prints images/s (a young+old pair counts as one image: images/s is the
 global batch over the seconds per step, as PyTorch's CycleGAN counts them),
@@ -13,7 +14,9 @@ devices and the glibc tunables it ran with. `gpu` is the prepared accelerator
 table: the default config (or --config) at several batch sizes in float32 and
 bfloat16, with the model FLOP utilization against matrix-multiply peaks it
 measures itself. `photo` is the photo tool's speed per photo and stage
-(`photo_bench`; default config unless --config, --steps photos per size).
+(`photo_bench`; default config unless --config, --steps photos per size);
+`serve` the page's server's requests/s and latency at concurrency 1 and 4
+(--steps requests per row).
 
 `step` and `gpu` need only jax, flax, optax, absl and ml_collections (no TensorFlow), so it
 runs on machines that carry just the accelerator stack.
@@ -48,7 +51,7 @@ flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64"], "`gpu`: global batch si
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "`gpu`: compute dtypes to time.")
 flags.DEFINE_integer("matmul_size", 8192, "`gpu`: n of the n x n x n matmul that sets the peak.")
 
-COMMANDS = ("step", "gpu", "photo")
+COMMANDS = ("step", "gpu", "photo", "serve")
 GIB = 2**30
 
 
@@ -311,10 +314,11 @@ def main(argv):
         print(f"config: {describe_config(config)}", flush=True)
         print(f"glibc tunables: {os.environ.get('GLIBC_TUNABLES') or '(none)'}", flush=True)
         print(format_step_report(measure_step(config, steps=FLAGS.steps, warmup=FLAGS.warmup)))
-    elif commands[0] == "photo":
+    elif commands[0] in ("photo", "serve"):
         from faceage_jax import photo_bench
 
-        photo_bench.run(defaults.get_config() if config is None else config, FLAGS.steps)
+        measure = photo_bench.run if commands[0] == "photo" else photo_bench.serve
+        measure(defaults.get_config() if config is None else config, FLAGS.steps)
     else:
         gpu_table(
             defaults.get_config() if config is None else config,

@@ -429,7 +429,7 @@ def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -
     path = epath.Path(workdir) / CONFIG_FILE
     temporary = path.parent / f"{CONFIG_FILE}.tmp-{os.getpid()}"
     temporary.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    temporary.rename(path)
+    temporary.replace(path)
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -121,7 +121,7 @@ def training_template(config, workdir) -> alignment.FaceTemplate:
     )
     temporary = path.parent / f"{TEMPLATE_FILE}.tmp-{os.getpid()}"
     temporary.write_text(template.to_json())
-    temporary.rename(path)
+    temporary.replace(path)
     return template
 
 

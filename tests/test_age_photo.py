@@ -18,37 +18,15 @@ from scipy import ndimage
 from faceage_jax import age_photo, alignment, cyclegan, export, faces
 from tests import helpers
 
-# The synthetic faces' template, as export.training_template measured it at 64 px.
-TEMPLATE = alignment.FaceTemplate(
-    np.array([[0.654, 0.537], [0.570, 0.541], [0.350, 0.536], [0.443, 0.541], [0.519, 0.718]]),
-    326,
-    "synthetic faces, train split",
-)
-
 
 @pytest.fixture(scope="module")
 def finder():
     return faces.FaceFinder()
 
 
-def random_generators(image_size=32, seed=0) -> export.Generators:
-    config = helpers.make_config(image_size=image_size)
-    generator = cyclegan.create_networks(config).generator
-    apply = jax.jit(generator.apply)
-    functions = {}
-    for index, name in enumerate(export.DIRECTIONS):
-        params = generator.init(
-            jax.random.key(seed + index), jnp.zeros((1, image_size, image_size, 3))
-        )
-        functions[name] = lambda images, params=params: apply(params, images)
-    return export.Generators(
-        functions, image_size=image_size, step=0, template=TEMPLATE, description="random"
-    )
-
-
 @pytest.fixture(scope="module")
 def generators():
-    return random_generators()
+    return helpers.random_generators()
 
 
 def astronaut_png() -> bytes:
@@ -68,7 +46,7 @@ def support(result, shape, feather=alignment.DEFAULT_FEATHER) -> np.ndarray:
     """Where the pasted change may be non-zero: the warped mask's support, dilated 2 px."""
     mask = np.zeros(shape[:2], bool)
     for face in result.faces:
-        chip_mask = alignment.face_mask(TEMPLATE, face.chip.shape[0], feather)
+        chip_mask = alignment.face_mask(helpers.TEMPLATE, face.chip.shape[0], feather)
         mask |= alignment.warp_mask_to_photo(chip_mask, face.transform, shape) > 0
     return ndimage.binary_dilation(mask, iterations=2)
 
@@ -84,12 +62,12 @@ def test_the_face_is_found_and_aligned_to_the_template(finder, name):
     assert (landmarks[:, 0] > left).all() and (landmarks[:, 0] < right).all()
     assert (landmarks[:, 1] > top).all() and (landmarks[:, 1] < bottom).all()
     size = 128
-    transform = alignment.chip_transform(landmarks, TEMPLATE, size)
+    transform = alignment.chip_transform(landmarks, helpers.TEMPLATE, size)
     chip = alignment.warp_to_chip(Image.fromarray(photo), transform, size)
     found, _, chip_landmarks = finder.locate(chip[None])
     assert found[0]
     # The landmarks read again on the chip lie at the template's points.
-    error = np.abs(chip_landmarks[0] + 0.5 - TEMPLATE.points * size).max()
+    error = np.abs(chip_landmarks[0] + 0.5 - helpers.TEMPLATE.points * size).max()
     assert error < 3.0, error
 
 
@@ -159,6 +137,20 @@ def test_a_phone_style_rotated_jpeg_comes_back_upright(finder, generators):
     assert 150 < left < 200 and 60 < top < 110, result.faces[0].box  # Where it is upright.
 
 
+def test_an_iphone_style_heic_is_read_upright(finder, generators):
+    import pillow_heif
+
+    upright = skimage.data.astronaut()[:, :400]
+    stored = Image.fromarray(np.rot90(upright, k=-1))  # 512 wide, 400 high, as stored.
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    buffer = io.BytesIO()
+    pillow_heif.from_pillow(stored).save(buffer, quality=90, exif=exif.tobytes())
+    photo, result = aged(finder, generators, buffer.getvalue())
+    assert result.image.shape == (512, 400, 3)
+    assert np.abs(photo.rgb.astype(int) - upright).mean() < 3  # Lossy, but upright.
+
+
 def test_an_rgba_png_keeps_its_alpha_and_a_greyscale_jpeg_works(finder, generators, tmp_path):
     rgb = skimage.data.astronaut()
     alpha = np.tile(np.linspace(64, 255, rgb.shape[1]).astype(np.uint8), (rgb.shape[0], 1))
@@ -208,7 +200,7 @@ def exported(tmp_path_factory):
         for i, name in enumerate(export.DIRECTIONS)
     }
     path = tmp_path_factory.mktemp("exported") / "random.faceage"
-    export.save(path, config, params, 7, TEMPLATE)
+    export.save(path, config, params, 7, helpers.TEMPLATE)
     return path
 
 
@@ -273,14 +265,31 @@ def test_each_bad_file_alone_exits_non_zero_with_its_message(exported, inputs, t
 
 def test_same_input_same_options_give_byte_identical_files(exported, inputs, tmp_path):
     for run in ("a", "b"):
-        assert run_tool("--exported", exported, inputs / "astronaut.png", "-o",
-                        tmp_path / f"{run}.jpg", "--strength", "0.6")[0] == 0  # fmt: skip
+        assert (
+            run_tool(
+                "--exported",
+                exported,
+                inputs / "astronaut.png",
+                "-o",
+                tmp_path / f"{run}.jpg",
+                "--strength",
+                "0.6",
+            )[0]
+            == 0
+        )
     assert (tmp_path / "a.jpg").read_bytes() == (tmp_path / "b.jpg").read_bytes()
 
 
 def test_strength_zero_on_the_command_line_writes_the_input_pixels(exported, inputs, tmp_path):
-    run_tool("--exported", exported, inputs / "astronaut.png", "-o", tmp_path / "same.png",
-             "--strength", "0")  # fmt: skip
+    run_tool(
+        "--exported",
+        exported,
+        inputs / "astronaut.png",
+        "-o",
+        tmp_path / "same.png",
+        "--strength",
+        "0",
+    )
     np.testing.assert_array_equal(
         np.asarray(Image.open(tmp_path / "same.png")), skimage.data.astronaut()
     )
@@ -295,24 +304,39 @@ def test_outputs_keep_their_names_and_nothing_is_overwritten(exported, tmp_path)
     assert status == 0
     assert sorted(p.name for p in out.iterdir()) == ["face-1.png", "face.png"]
     before = (out / "face.png").read_bytes()
-    status, _, err = run_tool("--exported", exported, tmp_path / "a", "-o", out,
-                              "--strength", "0.5")  # fmt: skip
+    status, _, err = run_tool(
+        "--exported", exported, tmp_path / "a", "-o", out, "--strength", "0.5"
+    )
     assert status == 1 and "pass --overwrite" in err
     assert (out / "face.png").read_bytes() == before
     # The input itself is the output only with --overwrite.
     original = (tmp_path / "a" / "face.png").read_bytes()
-    status, _, err = run_tool("--exported", exported, tmp_path / "a" / "face.png", "-o",
-                              tmp_path / "a" / "face.png")  # fmt: skip
+    status, _, err = run_tool(
+        "--exported", exported, tmp_path / "a" / "face.png", "-o", tmp_path / "a" / "face.png"
+    )
     assert status == 1 and "is the input; pass --overwrite" in err
     assert (tmp_path / "a" / "face.png").read_bytes() == original
-    status, _, _ = run_tool("--exported", exported, tmp_path / "a" / "face.png", "-o",
-                            tmp_path / "a" / "face.png", "--overwrite")  # fmt: skip
+    status, _, _ = run_tool(
+        "--exported",
+        exported,
+        tmp_path / "a" / "face.png",
+        "-o",
+        tmp_path / "a" / "face.png",
+        "--overwrite",
+    )
     assert status == 0 and (tmp_path / "a" / "face.png").read_bytes() != original
 
 
 def test_side_by_side_and_chips(exported, inputs, tmp_path):
-    status, _, _ = run_tool("--exported", exported, inputs / "astronaut.png", "-o",
-                            tmp_path / "pair.png", "--side-by-side", "--save-chips")  # fmt: skip
+    status, _, _ = run_tool(
+        "--exported",
+        exported,
+        inputs / "astronaut.png",
+        "-o",
+        tmp_path / "pair.png",
+        "--side-by-side",
+        "--save-chips",
+    )
     assert status == 0
     pair = np.asarray(Image.open(tmp_path / "pair.png"))
     assert pair.shape == (512, 1024, 3)

@@ -139,3 +139,14 @@ def test_the_photo_benchmark_prints_every_stage_for_both_photo_sizes():
             assert re.search(rf"^\| {photo} \| {stage} \| [0-9.]+ \| [0-9.]+ \|$", output, re.M)
         total = re.search(rf"^\| {photo} \| \*\*total\*\* \| \*\*([0-9.]+)\*\*", output, re.M)
         assert total and float(total.group(1)) > 0, output
+
+
+@pytest.mark.slow
+def test_the_serve_benchmark_prints_a_row_per_concurrency():
+    output = run_bench("serve", "--config", "configs/test.py", "--steps", "4")
+    for concurrency in (1, 4):
+        row = re.search(
+            rf"^\| {concurrency} \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", output, re.M
+        )
+        assert row, output
+        assert all(float(value) > 0 for value in row.groups())

@@ -99,8 +99,9 @@ def test_the_photo_tool_runs_from_a_workdir_and_from_the_file_alike(run, tmp_pat
     outputs = []
     for model in (["--workdir", run["workdir"]], ["--exported", run["path"]]):
         out = tmp_path / f"aged-{model[0][2:]}.png"
-        result = helpers.run_python("-m", "faceage_jax.age_photo", *model, photo, "-o", out,
-                                    cwd=tmp_path)  # fmt: skip
+        result = helpers.run_python(
+            "-m", "faceage_jax.age_photo", *model, photo, "-o", out, cwd=tmp_path
+        )
         assert result.returncode == 0, result.stdout
         assert "1 aged, 0 without a face, 0 failed" in result.stdout
         assert "checkpoint step 2" in result.stdout
@@ -122,6 +123,13 @@ def test_a_file_that_is_not_an_export_is_refused(tmp_path):
         )
     with pytest.raises(export.ExportError, match="format version 99"):
         export.load(tmp_path / "future.zip")
+
+
+def test_a_restarted_run_replaces_its_config(tmp_path):
+    checkpointing.save_config(tmp_path, helpers.make_config(num_train_steps=2))
+    checkpointing.save_config(tmp_path, helpers.make_config(num_train_steps=5))
+    assert checkpointing.load_config(tmp_path).num_train_steps == 5
+    assert [p.name for p in tmp_path.iterdir()] == [checkpointing.CONFIG_FILE]
 
 
 def test_a_workdir_without_a_run_says_what_to_pass(tmp_path):

@@ -48,8 +48,12 @@ def test_wheel_holds_the_packages_and_no_repository_folders(installed):
         "faceage-age-photo",
         "faceage-evaluate",
         "faceage-export",
+        "faceage-serve",
         "faceage-train",
     ]
+    # The page's files ship as package data.
+    for name in ("index.html", "app.js", "style.css"):
+        assert (installed / "faceage_jax" / "web" / name).is_file(), name
 
 
 @pytest.mark.slow
@@ -90,12 +94,22 @@ def test_installed_package_trains_with_a_config_file_from_another_folder(install
     assert (elsewhere / "tfds").is_dir()  # Relative paths are the caller's, not the package's.
 
     # The trained run exports, and the exported file ages a photo, from that folder too.
-    result = run_elsewhere(installed, elsewhere, "-m", "faceage_jax.export", "--workdir", "run",
-                           "-o", "model.faceage")  # fmt: skip
+    result = run_elsewhere(
+        installed, elsewhere, "-m", "faceage_jax.export", "--workdir", "run", "-o", "model.faceage"
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     Image.fromarray(skimage.data.astronaut()).save(elsewhere / "me.jpg")
-    result = run_elsewhere(installed, elsewhere, "-m", "faceage_jax.age_photo", "--exported",
-                           "model.faceage", "me.jpg", "-o", "me_aged.jpg")  # fmt: skip
+    result = run_elsewhere(
+        installed,
+        elsewhere,
+        "-m",
+        "faceage_jax.age_photo",
+        "--exported",
+        "model.faceage",
+        "me.jpg",
+        "-o",
+        "me_aged.jpg",
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     assert "1 aged" in result.stdout
     assert Image.open(elsewhere / "me_aged.jpg").size == (512, 512)
