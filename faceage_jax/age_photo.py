@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import io
 import os
 import pathlib
 import sys
@@ -111,12 +112,35 @@ def _register_heif() -> None:
     pillow_heif.register_heif_opener()
 
 
+def _rgb_profile(icc_profile: bytes | None) -> bytes | None:
+    """The ICC profile if it describes RGB (a CMYK or grey one would mislabel the RGB output)."""
+    if not icc_profile:
+        return None
+    from PIL import ImageCms
+
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)).profile
+    except (OSError, ImageCms.PyCMSError):
+        return None
+    return icc_profile if profile.xcolor_space.strip() == "RGB" else None
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit and float greyscale scaled to 8 bits (Pillow's convert('RGB') would clip them)."""
+    if image.mode not in ("I;16", "I;16L", "I;16B", "I", "F"):
+        return image
+    values = np.asarray(image, np.float64)
+    top = 1.0 if image.mode == "F" and values.max(initial=0) <= 1.0 else 65535.0
+    if image.mode == "I" and values.max(initial=0) <= 255:
+        top = 255.0
+    scaled = np.clip(np.rint(values / top * 255), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, "L")
+
+
 def read_photo(source, name: str, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> Photo:
     """Decodes a file path or bytes (anything Pillow reads, HEIC too), upright, as RGB (+ alpha)."""
     _register_heif()
     if isinstance(source, bytes | bytearray):
-        import io
-
         source = io.BytesIO(source)
     try:
         with warnings.catch_warnings():
@@ -141,12 +165,13 @@ def read_photo(source, name: str, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
         try:
             image.load()
             upright = ImageOps.exif_transpose(image)
-        except (OSError, SyntaxError, ValueError) as error:
+        except Exception as error:  # Pillow raises many kinds for damaged data (struct.error...).
             raise CorruptImageError(
                 f"{name} could not be decoded ({error}): it is truncated or corrupt; copy or "
                 "download it again."
             ) from None
-        icc_profile = image.info.get("icc_profile")
+        icc_profile = _rgb_profile(image.info.get("icc_profile"))
+    upright = _to_8_bits(upright)
     alpha = None
     if upright.mode in ("RGBA", "LA", "PA") or (
         upright.mode == "P" and "transparency" in upright.info
@@ -180,6 +205,8 @@ def find_faces(finder, photo: Photo, generators, all_faces: bool = False) -> lis
     chosen = []
     for box, points in large:
         transform = alignment.chip_transform(points, generators.template, size)
+        if not transform:  # skimage's failed estimate: the 5 points are degenerate.
+            raise NoFaceError(f"{photo.name}: the face's landmarks could not be aligned.")
         chosen.append(Face(box, points, transform, alignment.warp_to_chip(image, transform, size)))
     return chosen
 
@@ -238,23 +265,36 @@ def age_photos(
     return results
 
 
+# What outputs can be: formats that keep every pixel outside the mask (GIF's palette
+# would not), and the lossy ones a photo usually is.
+OUTPUT_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+    ".heic": "HEIF",
+    ".heif": "HEIF",
+}
+
+
 def output_format(path: pathlib.Path) -> str:
     extension = path.suffix.lower()
-    formats = Image.registered_extensions()
-    if extension not in formats or formats[extension] not in Image.SAVE:
-        known = ", ".join(sorted({".jpg", ".png", ".webp", ".tif", ".bmp"}))
+    if extension not in OUTPUT_FORMATS:
+        known = ", ".join(sorted(OUTPUT_FORMATS))
         raise PhotoError(
             f"{path}: cannot write {extension or 'a file without extension'} ({known} can be)."
         )
-    return formats[extension]
+    _register_heif()
+    return OUTPUT_FORMATS[extension]
 
 
 def encode(
     aged: AgedPhoto, path: pathlib.Path, *, quality=DEFAULT_JPEG_QUALITY, side_by_side=False
 ) -> bytes:
     """The aged photo in the format of `path`'s extension (before | after with side_by_side)."""
-    import io
-
     image = aged.image
     alpha = aged.photo.alpha
     if side_by_side:
@@ -267,7 +307,7 @@ def encode(
     options = {}
     if aged.photo.icc_profile:
         options["icc_profile"] = aged.photo.icc_profile
-    if image_format in ("JPEG", "WEBP"):
+    if image_format in ("JPEG", "WEBP", "HEIF"):
         options["quality"] = quality
     buffer = io.BytesIO()
     picture.save(buffer, image_format, **options)
@@ -276,8 +316,11 @@ def encode(
 
 def write_atomically(path: pathlib.Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_bytes(data)
-    temporary.replace(path)
+    try:
+        temporary.write_bytes(data)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------ command line
@@ -372,12 +415,15 @@ def plan_outputs(inputs: list[str], output: str, overwrite: bool):
     Outputs keep their inputs' names; two inputs of one name get -1, -2, ...; an
     existing file (the input included) is only replaced with `overwrite`.
     """
+    _register_heif()  # So that .heic files count as images in a folder.
     paths = []
     for name in inputs:
         path = pathlib.Path(name)
         paths.extend(_image_files(path) if path.is_dir() else [path])
     output_path = pathlib.Path(output)
     to_folder = len(inputs) > 1 or pathlib.Path(inputs[0]).is_dir() or output_path.is_dir()
+    if to_folder and output_path.exists() and not output_path.is_dir():
+        raise PhotoError(f"{output} is a file; with several photos, -o names a folder.")
     plan, taken = [], set()
     for path in paths:
         target = output_path / path.name if to_folder else output_path
@@ -416,7 +462,10 @@ def main(argv=None) -> int:
     for name in args.inputs:
         if not os.path.exists(name):
             parser.error(f"{name} does not exist")
-    plan, to_folder = plan_outputs(args.inputs, args.output, args.overwrite)
+    try:
+        plan, to_folder = plan_outputs(args.inputs, args.output, args.overwrite)
+    except PhotoError as error:
+        parser.error(str(error))
     if not plan:
         parser.error(f"no image files in {', '.join(args.inputs)}")
     try:
@@ -461,12 +510,17 @@ def main(argv=None) -> int:
                 continue
             try:
                 data = encode(aged, target, quality=args.quality, side_by_side=args.side_by_side)
-                write_atomically(target, data)
-                if args.save_chips:
+                chips = {}
+                if args.save_chips:  # Named after the output, so they are as unique as it is.
                     for index, face in enumerate(aged.faces):
                         for kind, chip in (("in", face.chip), ("out", face.aged_chip)):
-                            chip_path = target.with_name(f"{target.stem}.face{index}.{kind}.png")
-                            write_atomically(chip_path, encode_png(chip))
+                            chips[target.with_name(f"{target.name}.face{index}.{kind}.png")] = chip
+                for chip_path in chips:
+                    if chip_path.exists() and not args.overwrite:
+                        raise PhotoError(f"{chip_path} exists; pass --overwrite to replace it")
+                write_atomically(target, data)
+                for chip_path, chip in chips.items():
+                    write_atomically(chip_path, encode_png(chip))
             except (OSError, PhotoError) as error:
                 report(PhotoError(f"{target} could not be written ({error})."))
                 continue
@@ -481,8 +535,6 @@ def main(argv=None) -> int:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, "PNG")
     return buffer.getvalue()

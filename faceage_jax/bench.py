@@ -126,7 +126,7 @@ def lower_step(config: ml_collections.ConfigDict, mesh) -> tuple:
             f"{config.parallelism!r}. Drop --config.parallelism or set it to 'shard_map'."
         )
     config_validation.validate(config, num_devices=mesh.devices.size)
-    functions = cyclegan.create_step_functions(config, mesh, steps_per_epoch=1)
+    functions = cyclegan.create_step_functions(config, mesh, cyclegan.create_schedule(config, 1))
     batch = random_batch(config, mesh, config.seed)
     return config, functions, batch, functions.step.lower(functions.abstract_state, batch)
 
@@ -155,7 +155,10 @@ def model_flops(config: ml_collections.ConfigDict, batch) -> float:
     config.residual_convs = "direct"
     generator, discriminator = cyclegan.create_networks(config)
     networks = cyclegan.Networks(generator.clone(scan_blocks=False), discriminator)
-    functions = cyclegan.create_step_functions(config, parallel.create_mesh(), 1, networks=networks)
+    schedule = cyclegan.create_schedule(config, 1)
+    functions = cyclegan.create_step_functions(
+        config, parallel.create_mesh(), schedule, networks=networks
+    )
     return xla_flops(functions.step.lower(functions.abstract_state, batch))
 
 

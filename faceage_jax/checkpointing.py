@@ -26,6 +26,8 @@ Layout on disk::
     workdir/config.json             The run's config, written at every start: what
                                     the export and the photo tool rebuild the
                                     generators from.
+    workdir/schedule.json           The learning-rate schedule in steps, written when
+                                    the run starts afresh: a resumed run keeps it.
 
 A save writes into the temporary directory and renames it to the step when
 every process has finished (on GCS, which cannot rename, the step directory
@@ -66,6 +68,7 @@ STATE_ITEM = "state"
 DATA_ITEM = "data"
 CHECKPOINTS_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.json"
+SCHEDULE_FILE = "schedule.json"
 # Orbax names a save in progress <step><suffix>-<time>.
 TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -424,12 +427,33 @@ def restore_generator_params(
     return restored[STATE_ITEM]["generator_params"], step
 
 
-def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-    """Writes `workdir/config.json` (replaced whole: never a half-written file)."""
-    path = epath.Path(workdir) / CONFIG_FILE
-    temporary = path.parent / f"{CONFIG_FILE}.tmp-{os.getpid()}"
-    temporary.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+def _write_atomically(path: epath.Path, text: str) -> None:
+    """Replaces `path` whole: a reader never sees a half-written file."""
+    temporary = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    temporary.write_text(text)
     temporary.replace(path)
+
+
+def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Writes `workdir/config.json`."""
+    _write_atomically(
+        epath.Path(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True)
+    )
+
+
+def save_schedule(workdir: str | os.PathLike, constant_steps: int, decay_steps: int) -> None:
+    """Writes `workdir/schedule.json`: the learning-rate schedule the run started with."""
+    text = json.dumps({"constant_steps": constant_steps, "decay_steps": decay_steps})
+    _write_atomically(epath.Path(workdir) / SCHEDULE_FILE, text)
+
+
+def load_schedule(workdir: str | os.PathLike) -> tuple[int, int] | None:
+    """(constant_steps, decay_steps) the run in `workdir` started with; None if not recorded."""
+    path = epath.Path(workdir) / SCHEDULE_FILE
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return int(data["constant_steps"]), int(data["decay_steps"])
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -97,16 +97,46 @@ def init_generator_params(config: ml_collections.ConfigDict, seed: int = 0) -> d
     }
 
 
-def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int):
-    """Constant for `num_epochs`, then linear decay to 0 over `num_decay_epochs` (in steps)."""
-    constant_steps = config.num_epochs * steps_per_epoch
-    decay_steps = config.num_decay_epochs * steps_per_epoch
+class Schedule(NamedTuple):
+    """The learning rate over a run, in steps: constant, then linear to 0."""
+
+    constant_steps: int
+    decay_steps: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.constant_steps + self.decay_steps
+
+    def describe(self, learning_rate: float) -> str:
+        return (
+            f"{learning_rate:g} for {self.constant_steps} steps, then linear to 0 over "
+            f"{self.decay_steps} steps"
+        )
+
+
+def create_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Schedule:
+    """`num_epochs` constant, then `num_decay_epochs` decaying; or `num_train_steps` so shared.
+
+    With `num_train_steps` set, the schedule spans exactly that many steps, the
+    constant part num_epochs / (num_epochs + num_decay_epochs) of it (all of it
+    when both are 0), so a longer run is trained longer, not run at rate 0.
+    """
+    if config.num_train_steps > 0:
+        total = config.num_train_steps
+        epochs = config.num_epochs + config.num_decay_epochs
+        constant = total if epochs == 0 else round(total * config.num_epochs / epochs)
+        return Schedule(constant, total - constant)
+    return Schedule(config.num_epochs * steps_per_epoch, config.num_decay_epochs * steps_per_epoch)
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, schedule: Schedule):
+    """`config.learning_rate` for `schedule.constant_steps`, then linear to 0 over the rest."""
     return optax.join_schedules(
         [
             optax.constant_schedule(config.learning_rate),
-            optax.linear_schedule(config.learning_rate, 0.0, max(decay_steps, 1)),
+            optax.linear_schedule(config.learning_rate, 0.0, max(schedule.decay_steps, 1)),
         ],
-        boundaries=[constant_steps],
+        boundaries=[schedule.constant_steps],
     )
 
 
@@ -297,7 +327,7 @@ class StepFunctions(NamedTuple):
 def create_step_functions(
     config: ml_collections.ConfigDict,
     mesh,
-    steps_per_epoch: int,
+    schedule: Schedule,
     *,
     optimizer: optax.GradientTransformation | None = None,
     networks: Networks | None = None,
@@ -307,7 +337,7 @@ def create_step_functions(
     `optimizer` (default: `create_optimizer`) and `networks` (default:
     `create_networks(config)`) replace the config's, for tests and benchmarks.
     """
-    learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+    learning_rate_fn = create_learning_rate_fn(config, schedule)
     optimizer = optimizer or create_optimizer(config, learning_rate_fn)
     networks = networks or create_networks(config)
     init = functools.partial(

@@ -48,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.adam_b2 = 0.999
     config.num_epochs = 100  # Epochs at the constant learning rate.
     config.num_decay_epochs = 100  # Then a linear decay to zero over this many epochs.
-    config.num_train_steps = -1  # -1: (num_epochs + num_decay_epochs) * steps per epoch.
+    # -1: (num_epochs + num_decay_epochs) * steps per epoch. N: the run, and the schedule in
+    # the epochs' proportions, span N steps.
+    config.num_train_steps = -1
     config.lambda_cycle = 10.0
     config.lambda_identity = 0.5  # Relative to lambda_cycle; 0 skips the identity passes.
     config.pool_size = 50  # History of generated images per domain; 0 disables it.

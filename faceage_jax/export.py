@@ -212,25 +212,35 @@ def load(path) -> Generators:
             manifest = json.loads(archive.read("manifest.json"))
         except (KeyError, ValueError) as error:
             raise ExportError(f"{path} has no readable manifest.json ({error}).") from error
-        if manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ExportError(f"{path} is not an exported faceage-jax model.")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ExportError(
                 f"{path} is format version {manifest.get('format_version')}; this version of "
                 f"faceage-jax reads {FORMAT_VERSION}. Export the model again with it."
             )
-        platform = jax.default_backend()
-        functions = {}
-        for name in DIRECTIONS:
-            entry = manifest["generators"][name]
-            exported = jax.export.deserialize(bytearray(archive.read(entry["function"])))
-            if platform not in exported.platforms:
-                raise ExportError(
-                    f"{path} was exported for {exported.platforms}, not for this {platform}."
-                )
-            with np.load(io.BytesIO(archive.read(entry["weights"])), allow_pickle=False) as npz:
-                weights = [jax.device_put(npz[f"arr_{i}"]) for i in range(entry["num_weights"])]
-            functions[name] = functools.partial(jax.jit(exported.call), weights)
+        try:
+            return _generators(path, archive, manifest)
+        except ExportError:
+            raise
+        except Exception as error:  # A damaged or hand-edited file: say which, not a trace.
+            raise ExportError(
+                f"{path} is damaged ({type(error).__name__}: {error}); export the model again."
+            ) from error
+
+
+def _generators(path, archive: zipfile.ZipFile, manifest: dict) -> Generators:
+    # The name jax.export gives this backend ('cuda' or 'rocm' where the backend is 'gpu').
+    platform = jax.export.default_export_platform()
+    functions = {}
+    for name in DIRECTIONS:
+        entry = manifest["generators"][name]
+        exported = jax.export.deserialize(bytearray(archive.read(entry["function"])))
+        if platform not in exported.platforms:
+            raise ExportError(f"{path} was exported for {exported.platforms}, not for {platform}.")
+        with np.load(io.BytesIO(archive.read(entry["weights"])), allow_pickle=False) as npz:
+            weights = [jax.device_put(npz[f"arr_{i}"]) for i in range(entry["num_weights"])]
+        functions[name] = functools.partial(jax.jit(exported.call), weights)
     return Generators(
         functions,
         image_size=manifest["image_size"],

@@ -97,6 +97,15 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
 
 
+def rescaled(indices, scale, offset=0.0) -> np.ndarray:
+    """Pixel indices of a resized image in the original's: pixel centres map to centres.
+
+    `scale`: original pixels per resized pixel; `offset`: where the resized region
+    starts in the original.
+    """
+    return (np.asarray(indices, np.float64) + 0.5) * scale - 0.5 + offset
+
+
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """A uint8 [H, W, 3] image resized to [size, size, 3], bilinear (Pillow)."""
     if image.shape[:2] == (size, size):
@@ -243,9 +252,8 @@ class FaceFinder:
         rectangles = sorted(rectangles, key=lambda r: -r.area())
         found = []
         for r in rectangles:
-            box = np.array(
-                [r.left() * scale_x, r.top() * scale_y, r.right() * scale_x, r.bottom() * scale_y]
-            )
+            corners = [[r.left(), r.top()], [r.right(), r.bottom()]]
+            box = rescaled(corners, [scale_x, scale_y]).reshape(4)
             found.append((box, self._landmarks_at_face_size(image, box)))
         return found
 
@@ -266,14 +274,11 @@ class FaceFinder:
         crop = np.asarray(Image.fromarray(crop).resize(size, Image.BILINEAR, reducing_gap=2))
         zoom_x = size[0] / (crop_box[2] - crop_box[0])
         zoom_y = size[1] / (crop_box[3] - crop_box[1])
-        rectangle = self._dlib.rectangle(
-            round((left - crop_box[0]) * zoom_x),
-            round((top - crop_box[1]) * zoom_y),
-            round((right - crop_box[0]) * zoom_x),
-            round((bottom - crop_box[1]) * zoom_y),
-        )
+        zoom_xy, origin = np.array([zoom_x, zoom_y]), np.array(crop_box[:2], float)
+        corners = np.rint(rescaled([[left, top], [right, bottom]] - origin, zoom_xy)).astype(int)
+        rectangle = self._dlib.rectangle(*map(int, corners.reshape(4)))
         points = np.array([[p.x, p.y] for p in self.landmarks(crop, rectangle).parts()], float)
-        return points / [zoom_x, zoom_y] + [crop_box[0], crop_box[1]]
+        return rescaled(points, 1 / zoom_xy, origin)
 
     def locate(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(found [N], boxes [N, 4], landmarks [N, 5, 2]) of the largest face of each chip.
@@ -298,8 +303,8 @@ class FaceFinder:
             shape = self.landmarks(large, rectangles[0])
             found[index] = True
             r = rectangles[0]
-            boxes[index] = np.array([r.left(), r.top(), r.right(), r.bottom()]) * scale
-            landmarks[index] = np.array([[p.x, p.y] for p in shape.parts()]) * scale
+            boxes[index] = rescaled([r.left(), r.top(), r.right(), r.bottom()], scale)
+            landmarks[index] = rescaled([[p.x, p.y] for p in shape.parts()], scale)
             located.append((index, large, shape))
         return found, boxes, landmarks, located
 

@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import importlib.resources
 import json
+import logging
 import pathlib
 import sys
 
@@ -128,7 +129,9 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int = 8) -> dict:
     except RequestError:
         raise
     except Exception as error:  # python-multipart's errors for a malformed body.
-        raise RequestError(400, f"The form could not be read ({error}).") from None
+        raise RequestError(
+            400, f"The form could not be read ({type(error).__name__}): send multipart/form-data."
+        ) from None
     return parts
 
 
@@ -230,6 +233,9 @@ class AgingService:
             return error_response(error.status, str(error))
         except age_photo.PhotoError as error:
             return error_response(STATUS.get(type(error), 422), str(error))
+        except Exception:  # A bug, not the upload: logged here, a JSON answer there.
+            logging.exception("Aging an upload failed")
+            return error_response(500, "The photo could not be aged (a server error, logged).")
         finally:
             self.pending -= 1
         headers = {
@@ -258,7 +264,8 @@ def create_app(service: AgingService) -> Starlette:
         return JSONResponse(service.info(), headers=SECURITY_HEADERS)
 
     async def not_found(request: Request, exc) -> Response:
-        return error_response(getattr(exc, "status_code", 404), "Not found.")
+        status = getattr(exc, "status_code", 404)
+        return error_response(status, "Method not allowed." if status == 405 else "Not found.")
 
     routes = [
         Route("/", page),

@@ -35,10 +35,26 @@ def absolute_path(path: str) -> epath.Path:
     return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
 
-def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-    if config.num_train_steps > 0:
-        return config.num_train_steps
-    return (config.num_epochs + config.num_decay_epochs) * steps_per_epoch
+def run_schedule(config, workdir, steps_per_epoch: int, resuming: bool) -> cyclegan.Schedule:
+    """The learning-rate schedule: the config's, or on a resume the one the run started with."""
+    schedule = cyclegan.create_schedule(config, steps_per_epoch)
+    recorded = checkpointing.load_schedule(workdir) if resuming else None
+    if recorded is None:
+        if jax.process_index() == 0:
+            checkpointing.save_schedule(workdir, *schedule)
+        logging.info("Learning rate: %s.", schedule.describe(config.learning_rate))
+        return schedule
+    recorded = cyclegan.Schedule(*recorded)
+    logging.info(
+        "Learning rate: %s (as this run started).", recorded.describe(config.learning_rate)
+    )
+    if recorded != schedule:
+        logging.warning(
+            "The config now gives the schedule %s; the run keeps the one it started with. "
+            "Start a new workdir to train with the new one.",
+            schedule.describe(config.learning_rate),
+        )
+    return recorded
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,12 +101,22 @@ def train_and_evaluate(
 
     builder = prepare_data(config)
     steps_per_epoch = dataset.steps_per_epoch(builder, config)
-    num_train_steps = total_steps(config, steps_per_epoch)
+    manager = checkpointing.create_checkpoint_manager(workdir, config)
+    schedule = run_schedule(
+        config, workdir, steps_per_epoch, resuming=manager.latest_step() is not None
+    )
+    num_train_steps = config.num_train_steps if config.num_train_steps > 0 else schedule.total_steps
+    if num_train_steps > schedule.total_steps:
+        logging.warning(
+            "Steps %d to %d train at learning rate 0: the schedule ends at step %d.",
+            schedule.total_steps + 1,
+            num_train_steps,
+            schedule.total_steps,
+        )
     mesh = parallel.create_mesh()
-    functions = cyclegan.create_step_functions(config, mesh, steps_per_epoch)
+    functions = cyclegan.create_step_functions(config, mesh, schedule)
     if train_iterator is None:
         train_iterator = pipeline.create_train_iterator(builder, config)
-    manager = checkpointing.create_checkpoint_manager(workdir, config)
     state, restored_step = checkpointing.restore_or_initialize(
         manager,
         functions.abstract_state,

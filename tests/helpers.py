@@ -77,15 +77,16 @@ def logged_scalars(workdir, prefixes: tuple[str, ...]) -> dict[int, dict[str, fl
     import tensorflow as tf
     from tensorboard.backend.event_processing import event_accumulator
 
-    (events,) = epath.Path(workdir).glob("events.out.tfevents.*")
-    accumulator = event_accumulator.EventAccumulator(str(events), size_guidance={"tensors": 0})
-    accumulator.Reload()
     scalars = {}
-    for tag in accumulator.Tags()["tensors"]:
-        if tag.startswith(prefixes):
-            for event in accumulator.Tensors(tag):
-                value = float(tf.make_ndarray(event.tensor_proto))
-                scalars.setdefault(event.step, {})[tag] = value
+    # One file per start of the run, oldest first: a resumed run's values come last.
+    for events in sorted(epath.Path(workdir).glob("events.out.tfevents.*")):
+        accumulator = event_accumulator.EventAccumulator(str(events), size_guidance={"tensors": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["tensors"]:
+            if tag.startswith(prefixes):
+                for event in accumulator.Tensors(tag):
+                    value = float(tf.make_ndarray(event.tensor_proto))
+                    scalars.setdefault(event.step, {})[tag] = value
     return scalars
 
 

@@ -342,7 +342,7 @@ def test_side_by_side_and_chips(exported, inputs, tmp_path):
     assert pair.shape == (512, 1024, 3)
     np.testing.assert_array_equal(pair[:, :512], skimage.data.astronaut())
     for kind in ("in", "out"):
-        chip = Image.open(tmp_path / f"pair.face0.{kind}.png")
+        chip = Image.open(tmp_path / f"pair.png.face0.{kind}.png")
         assert chip.size == (32, 32)
 
 
@@ -351,3 +351,101 @@ def test_bad_options_are_refused_with_what_is_allowed(exported, inputs):
         age_photo.main(["--exported", str(exported), str(inputs), "-o", "x", "--strength", "2"])
     status, _, err = run_tool("--exported", inputs / "notes.png", inputs, "-o", "unused")
     assert status == 2 and "is not an exported model" in err
+
+
+# ------------------------------------------------------------ odd files
+
+
+# EXIF whose orientation entry is damaged: Pillow's exif_transpose raises struct.error.
+DAMAGED_EXIF = (
+    b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xa2\x02\x01@\x00\x02\x00\x00\x00\x04cam\x00"
+    b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
+)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_a_photo_with_damaged_exif_is_a_clear_error():
+    buffer = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buffer, "JPEG", exif=DAMAGED_EXIF)
+    with pytest.raises(age_photo.CorruptImageError, match="truncated or corrupt"):
+        age_photo.read_photo(buffer.getvalue(), "damaged.jpg")
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(finder, generators):
+    grey = np.asarray(Image.fromarray(skimage.data.astronaut()).convert("L"))
+    buffer = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(buffer, "PNG")  # Pillow reads I;16.
+    photo, result = aged(finder, generators, buffer.getvalue())
+    np.testing.assert_array_equal(photo.rgb[..., 0], grey)
+    assert len(result.faces) == 1
+
+
+def test_only_an_rgb_colour_profile_is_carried_over(tmp_path):
+    from PIL import ImageCms
+
+    rgb = skimage.data.astronaut()
+    for profile, kept in (("sRGB", True), ("LAB", False)):
+        icc = ImageCms.ImageCmsProfile(ImageCms.createProfile(profile)).tobytes()
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, "JPEG", icc_profile=icc)
+        photo = age_photo.read_photo(buffer.getvalue(), "photo.jpg")
+        assert (photo.icc_profile == icc) is kept, profile
+
+
+def test_landmarks_map_pixel_centres_between_sizes(finder):
+    # A 4x nearest-neighbour copy: each landmark lies at 4 (p + 0.5) - 0.5 of the original's.
+    small = skimage.data.astronaut()
+    large = np.asarray(Image.fromarray(small).resize((2048, 2048), Image.NEAREST))
+    (_, at_small), *_ = finder.find_in_photo(small)
+    (_, at_large), *_ = finder.find_in_photo(large)
+    error = at_large - (4 * (at_small + 0.5) - 0.5)
+    assert np.abs(error.mean(0)).max() < 0.75, error  # No systematic shift.
+
+
+def test_heic_files_in_a_folder_are_listed_and_heic_can_be_written(tmp_path):
+    import pillow_heif
+
+    (tmp_path / "in").mkdir()
+    pillow_heif.from_pillow(Image.fromarray(skimage.data.astronaut())).save(
+        tmp_path / "in" / "phone.heic"
+    )
+    plan, to_folder = age_photo.plan_outputs([str(tmp_path / "in")], str(tmp_path / "out"), False)
+    assert to_folder and [target.name for _, target in plan] == ["phone.heic"]
+    assert age_photo.output_format(tmp_path / "out" / "phone.heic") == "HEIF"
+    with pytest.raises(age_photo.PhotoError, match="cannot write .gif"):
+        age_photo.output_format(tmp_path / "out" / "animation.gif")
+
+
+def test_several_photos_cannot_be_written_into_one_file(exported, inputs, tmp_path):
+    (tmp_path / "taken.jpg").write_bytes(b"x")
+    with pytest.raises(SystemExit) as stopped:
+        age_photo.main(
+            [
+                "--exported",
+                str(exported),
+                str(inputs / "astronaut.png"),
+                str(inputs / "wall.jpg"),
+                "-o",
+                str(tmp_path / "taken.jpg"),
+            ]
+        )
+    assert stopped.value.code == 2
+    assert (tmp_path / "taken.jpg").read_bytes() == b"x"
+
+
+def test_chips_are_named_after_each_output(exported, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "me.png").write_bytes(astronaut_png())
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "in" / "me.jpg", quality=95)
+    status, _, _ = run_tool(
+        "--exported", exported, tmp_path / "in", "-o", tmp_path / "out", "--save-chips"
+    )
+    assert status == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "me.jpg",
+        "me.jpg.face0.in.png",
+        "me.jpg.face0.out.png",
+        "me.png",
+        "me.png.face0.in.png",
+        "me.png.face0.out.png",
+    ]

@@ -13,7 +13,8 @@ from faceage_jax import cyclegan, parallel
 from faceage_jax import defaults as default_config
 from tests.helpers import abstract_params, count_params, make_config
 
-STEPS_PER_EPOCH = 10
+# One epoch of 10 steps at the constant rate, one decaying (the test config's epochs).
+SCHEDULE = cyclegan.Schedule(constant_steps=10, decay_steps=10)
 
 
 def make_batch(batch_size=4, image_size=32, seed=0):
@@ -34,7 +35,7 @@ def build_step(config_items, num_devices, optimizer=None):
     """
     config = make_config(**dict(config_items))
     mesh = parallel.create_mesh(jax.devices()[:num_devices])
-    functions = cyclegan.create_step_functions(config, mesh, STEPS_PER_EPOCH, optimizer=optimizer)
+    functions = cyclegan.create_step_functions(config, mesh, SCHEDULE, optimizer=optimizer)
     return mesh, functions.init, functions.step
 
 
@@ -148,9 +149,7 @@ class CountedLauncher:
     def __init__(self, parallelism):
         config = make_config(parallelism=parallelism)
         self.traces = 0
-        adam = cyclegan.create_optimizer(
-            config, cyclegan.create_learning_rate_fn(config, STEPS_PER_EPOCH)
-        )
+        adam = cyclegan.create_optimizer(config, cyclegan.create_learning_rate_fn(config, SCHEDULE))
 
         def counted_update(updates, opt_state, params):
             self.traces += 0.5  # Twice per trace: generators, then discriminators.
@@ -160,7 +159,7 @@ class CountedLauncher:
         functions = cyclegan.create_step_functions(
             config,
             self.mesh,
-            STEPS_PER_EPOCH,
+            SCHEDULE,
             optimizer=optax.GradientTransformation(adam.init, counted_update),
         )
         self.init, self.step = functions.init, functions.step
@@ -295,12 +294,45 @@ def test_identity_passes_run_only_when_lambda_identity_is_positive():
 
 
 def test_learning_rate_is_constant_then_decays_linearly_to_zero():
-    config = make_config(learning_rate=2e-4, num_epochs=2, num_decay_epochs=2)
-    learning_rate_fn = cyclegan.create_learning_rate_fn(config, steps_per_epoch=10)
+    config = make_config(learning_rate=2e-4, num_epochs=2, num_decay_epochs=2, num_train_steps=-1)
+    schedule = cyclegan.create_schedule(config, steps_per_epoch=10)
+    assert schedule == cyclegan.Schedule(constant_steps=20, decay_steps=20)
+    learning_rate_fn = cyclegan.create_learning_rate_fn(config, schedule)
     # 20 constant steps, then 20 steps from 2e-4 down to 0.
     expected = {0: 2e-4, 19: 2e-4, 20: 2e-4, 25: 1.5e-4, 30: 1e-4, 35: 5e-5, 40: 0.0, 45: 0.0}
     for step, rate in expected.items():
         assert float(learning_rate_fn(step)) == pytest.approx(rate, rel=1e-6, abs=1e-12), step
+
+
+@pytest.mark.parametrize(
+    "epochs, steps, expected",
+    [
+        ((1, 1), 600, (300, 300)),  # The demo's proportions over 600 steps.
+        ((100, 100), 1000, (500, 500)),
+        ((3, 1), 600, (450, 150)),
+        ((0, 1), 50, (0, 50)),
+        ((1, 0), 50, (50, 0)),
+        ((0, 0), 50, (50, 0)),
+    ],
+)
+def test_num_train_steps_spans_the_schedule_in_the_epochs_proportions(epochs, steps, expected):
+    config = make_config(num_epochs=epochs[0], num_decay_epochs=epochs[1], num_train_steps=steps)
+    # Whatever an epoch is: the schedule is the steps asked for.
+    for steps_per_epoch in (1, 58, 10_000):
+        schedule = cyclegan.create_schedule(config, steps_per_epoch)
+        assert schedule == cyclegan.Schedule(*expected)
+        assert schedule.total_steps == steps
+
+
+def test_a_600_step_run_is_not_left_at_learning_rate_zero():
+    # The demo config at 600 steps, with 58 steps per epoch: before, 117 steps trained.
+    config = make_config(learning_rate=2e-4, num_epochs=1, num_decay_epochs=1, num_train_steps=600)
+    schedule = cyclegan.create_schedule(config, steps_per_epoch=58)
+    learning_rate_fn = cyclegan.create_learning_rate_fn(config, schedule)
+    expected = {0: 2e-4, 299: 2e-4, 300: 2e-4, 450: 1e-4, 599: 2e-4 / 300, 600: 0.0}
+    for step, rate in expected.items():
+        assert float(learning_rate_fn(step)) == pytest.approx(rate, rel=1e-5, abs=1e-12), step
+    assert schedule.describe(2e-4) == "0.0002 for 300 steps, then linear to 0 over 300 steps"
 
 
 @pytest.mark.slow

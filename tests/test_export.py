@@ -3,6 +3,7 @@
 import json
 import zipfile
 
+import jax
 import numpy as np
 import pytest
 
@@ -135,3 +136,41 @@ def test_a_restarted_run_replaces_its_config(tmp_path):
 def test_a_workdir_without_a_run_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="pass the run's config with --config"):
         checkpointing.load_config(tmp_path)
+
+
+def damaged_copies(path, tmp_path):
+    """The exported file with one part missing, wrong or undecodable."""
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    manifest = json.loads(members["manifest.json"])
+    no_entry = dict(manifest, generators={"young_to_old": manifest["generators"]["young_to_old"]})
+    cases = {
+        "no generator entry": {**members, "manifest.json": json.dumps(no_entry)},
+        "no weights": {k: v for k, v in members.items() if k != "old_to_young.npz"},
+        "junk function": {**members, "young_to_old.jax_export": b"\x00junk" * 10},
+        "a list manifest": {**members, "manifest.json": "[1, 2]"},
+    }
+    for case, content in cases.items():
+        target = tmp_path / f"{case.replace(' ', '_')}.faceage"
+        with zipfile.ZipFile(target, "w") as archive:
+            for name, data in content.items():
+                archive.writestr(name, data)
+        yield case, target
+
+
+@pytest.mark.slow
+def test_a_damaged_export_is_an_export_error_not_a_traceback(run, tmp_path):
+    for case, path in damaged_copies(run["path"], tmp_path):
+        with pytest.raises(export.ExportError, match="damaged|not an exported"):
+            export.load(path)
+        del case
+
+
+@pytest.mark.slow
+def test_the_platform_is_named_as_jax_export_names_it(run, monkeypatch):
+    # On an NVIDIA GPU jax's backend is 'gpu' and the export's platform 'cuda'.
+    monkeypatch.setattr(jax.export, "default_export_platform", lambda: "cuda")
+    assert export.load(run["path"]).step == 2
+    monkeypatch.setattr(jax.export, "default_export_platform", lambda: "rocm")
+    with pytest.raises(export.ExportError, match=r"exported for \('cpu', 'cuda', 'tpu'\)"):
+        export.load(run["path"])

@@ -52,6 +52,12 @@ def get(app, path):
     return asyncio.run(send())
 
 
+async def _put(app, path):
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await client.put(path)
+
+
 def photo(data=ASTRONAUT, name="astronaut.png", **fields):
     return {"files": {"photo": (name, data, "application/octet-stream")}, "data": fields}
 
@@ -77,6 +83,14 @@ def truncated_jpeg() -> bytes:
     return buffer.getvalue()[: len(buffer.getvalue()) // 3]
 
 
+def damaged_exif_jpeg() -> bytes:
+    from tests.test_age_photo import DAMAGED_EXIF
+
+    buffer = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buffer, "JPEG", exif=DAMAGED_EXIF)
+    return buffer.getvalue()
+
+
 BAD_UPLOADS = {
     "text": (photo(b"just some notes\n", "notes.png"), 415, "is not an image"),
     "truncated": (photo(truncated_jpeg(), "cut.jpg"), 422, "truncated or corrupt"),
@@ -96,6 +110,7 @@ BAD_UPLOADS = {
     "strength not a number": (photo(strength="lots"), 400, "strength is a number"),
     "bad direction": (photo(direction="sideways"), 400, "direction is one of"),
     "bad format": (photo(format="gif"), 400, "format is one of jpeg, png"),
+    "damaged exif": (photo(damaged_exif_jpeg(), "exif.jpg"), 422, "truncated or corrupt"),
     "not multipart": (
         {"content": ASTRONAUT, "headers": {"content-type": "image/png"}},
         400,
@@ -104,6 +119,7 @@ BAD_UPLOADS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 @pytest.mark.parametrize("case", sorted(BAD_UPLOADS))
 def test_each_bad_upload_gets_its_status_and_message_and_the_server_keeps_serving(service, case):
     app = serve.create_app(service)

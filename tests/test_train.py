@@ -1,5 +1,6 @@
 """The training job: validation, exact resume, preemption, NaN stop, multi-host, outputs."""
 
+import logging
 import signal
 import time
 
@@ -120,6 +121,26 @@ def test_pool_size_zero_trains_saves_and_resumes(tmp_path, shared_dirs):
     assert saved_steps(tmp_path) == [2, 4]
 
 
+@pytest.mark.slow
+def test_the_schedule_is_logged_in_steps_and_kept_by_a_resumed_run(tmp_path, shared_dirs, caplog):
+    caplog.set_level(logging.INFO)
+    config = make_config(shared_dirs["data_dir"], num_train_steps=4, log_every_steps=1)
+    train.train_and_evaluate(config, str(tmp_path))
+    assert "Learning rate: 0.0002 for 2 steps, then linear to 0 over 2 steps." in caplog.text
+    rates = helpers.logged_scalars(tmp_path, ("learning_rate",))
+    assert {step: rates[step]["learning_rate"] for step in rates} == pytest.approx(
+        {1: 2e-4, 2: 2e-4, 3: 2e-4, 4: 1e-4}  # The rate each step trained with.
+    )
+    caplog.clear()
+    config.num_train_steps = 6  # Asked to go on: the run keeps its schedule, and says so.
+    train.train_and_evaluate(config, str(tmp_path))
+    assert "then linear to 0 over 2 steps (as this run started)" in caplog.text
+    assert "the run keeps the one it started with" in caplog.text
+    assert "Steps 5 to 6 train at learning rate 0" in caplog.text
+    rates = helpers.logged_scalars(tmp_path, ("learning_rate",))
+    assert rates[5]["learning_rate"] == 0 and rates[6]["learning_rate"] == 0
+
+
 class FailingSaves(RandomBatches):
     """Random batches whose position cannot be saved from `fail_at_batch` on."""
 
@@ -166,16 +187,25 @@ def uninterrupted_run(tmp_path_factory, shared_dirs):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("uninterrupted_run")
-def test_resumed_again_and_again_ends_bitwise_equal_to_an_uninterrupted_run(
+def test_stopped_twice_and_resumed_ends_bitwise_equal_to_an_uninterrupted_run(
     tmp_path, shared_dirs, uninterrupted_run
 ):
-    # 6, then resumed to 11 and to 16: from a checkpoint of the schedule (every 2
-    # steps), then from the one that ends a run at an odd step.
-    stops = [6, 11, RESUMED_RUN_STEPS]
-    for previous, steps in zip([None, *stops[:-1]], stops, strict=True):
-        output = finish(start_worker(shared_dirs, tmp_path, steps))
-        if previous:
-            assert f"Restored the checkpoint of step {previous} " in output, output[-3000:]
+    # Stopped as a preempted job is (SIGTERM: the current step is saved, exit 0), each
+    # time once the run has saved a checkpoint of its own, then resumed to the end.
+    stopped_at = []
+    for _ in range(2):
+        newest = max(saved_steps(tmp_path), default=0)
+        worker = start_worker(shared_dirs, tmp_path, RESUMED_RUN_STEPS)
+        wait_for(lambda n=newest: max(saved_steps(tmp_path), default=0) > n, worker, "checkpoint")
+        worker.send_signal(signal.SIGTERM)
+        output = finish(worker)
+        assert "after a preemption request" in output, output[-3000:]
+        if stopped_at:
+            assert f"Restored the checkpoint of step {stopped_at[-1]} " in output, output[-3000:]
+        stopped_at.append(max(saved_steps(tmp_path)))
+    assert stopped_at[0] < stopped_at[1] < RESUMED_RUN_STEPS, stopped_at
+    output = finish(start_worker(shared_dirs, tmp_path, RESUMED_RUN_STEPS))
+    assert f"Restored the checkpoint of step {stopped_at[1]} " in output, output[-3000:]
     assert_bitwise_equal(load_final_state(tmp_path), uninterrupted_run)
 
 

@@ -3,7 +3,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, originalUrl: null, resultUrl: null, request: 0, timer: null };
+const state = {
+  file: null, originalUrl: null, resultUrl: null, request: 0, timer: null, controller: null,
+};
 
 function showError(message) {
   $("error").textContent = message;
@@ -46,7 +48,9 @@ function ageSoon() {
 
 async function age() {
   if (!state.file) return;
-  const request = ++state.request;  // Only the newest request's answer is shown.
+  const request = ++state.request;  // Only the newest request's answer is shown...
+  if (state.controller) state.controller.abort();  // ...and an older one is not waited for.
+  state.controller = new AbortController();
   const { direction, strength } = settings();
   const form = new FormData();
   form.append("photo", state.file, state.file.name);
@@ -57,9 +61,11 @@ async function age() {
   setStatus("Aging the photo\u2026");
   let response;
   try {
-    response = await fetch("/api/age", { method: "POST", body: form });
+    response = await fetch("/api/age", {
+      method: "POST", body: form, signal: state.controller.signal,
+    });
   } catch (error) {
-    if (request === state.request) {
+    if (request === state.request && error.name !== "AbortError") {
       setStatus("");
       showError("The server could not be reached. Is it still running?");
     }
@@ -81,8 +87,22 @@ async function age() {
   const box = JSON.parse(response.headers.get("X-Face-Box") || "null");
   if (state.resultUrl) URL.revokeObjectURL(state.resultUrl);
   state.resultUrl = URL.createObjectURL(blob);
-  await Promise.all([load($("original"), state.originalUrl), load($("result"), state.resultUrl)]);
-  drawCompare(box);
+  try {
+    await load($("result"), state.resultUrl);
+  } catch (error) {
+    setStatus("");
+    showError("The aged photo came back, but this browser cannot show it: download it below.");
+  }
+  // The browser may not show every format it can upload (HEIC, TIFF): then no "before".
+  let shown = true;
+  try {
+    await load($("original"), state.originalUrl);
+  } catch (error) {
+    shown = false;
+  }
+  $("original").closest("figure").hidden = !shown;
+  $("compare").closest("figure").hidden = !shown;
+  if (shown) drawCompare(box);
   const stem = state.file.name.replace(/\.[^.]+$/, "") || "photo";
   const extension = blob.type === "image/png" ? "png" : "jpg";
   $("download").href = state.resultUrl;
