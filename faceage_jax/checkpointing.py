@@ -393,7 +393,8 @@ def restore_generator_params(
     manager = ocp.CheckpointManager(
         directory,
         item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(read_only=True),
+        # Set as read_only implies them: Orbax warns about each one it has to change.
+        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
     )
     try:
         steps = sorted(manager.all_steps())
