@@ -445,12 +445,17 @@ def load_generators(exported=None, workdir=None, step=None, config_file=None):
     """`export.Generators` from an exported file, or from a training run's checkpoint."""
     if exported:
         return export.load(exported)
-    config = None
-    if config_file:
-        from ml_collections import config_flags
-
-        config = config_flags.load_config_file(config_file)
+    config = load_config_file(config_file) if config_file else None
     return export.from_checkpoint(workdir, step, config)
+
+
+def load_config_file(path: str):
+    """The ConfigDict of a config file (`configs/<name>.py`), as --config reads it."""
+    from ml_collections.config_flags import config_flags
+
+    if not os.path.isfile(path.split(":", 1)[0]):
+        raise FileNotFoundError(f"The config file {path} does not exist.")
+    return config_flags.ConfigFileFlagParser("config", lock_config=False).parse(path)
 
 
 def main(argv=None) -> int:

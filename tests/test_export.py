@@ -98,8 +98,13 @@ def test_the_photo_tool_runs_from_a_workdir_and_from_the_file_alike(run, tmp_pat
     photo = tmp_path / "astronaut.png"
     Image.fromarray(skimage.data.astronaut()).save(photo)
     outputs = []
-    for model in (["--workdir", run["workdir"]], ["--exported", run["path"]]):
-        out = tmp_path / f"aged-{model[0][2:]}.png"
+    config_file = helpers.REPO_ROOT / "configs" / "test.py"
+    for model in (
+        ["--workdir", run["workdir"]],
+        ["--exported", run["path"]],
+        ["--workdir", run["workdir"], "--config", config_file],  # A run's config file given.
+    ):
+        out = tmp_path / f"aged-{len(outputs)}.png"
         result = helpers.run_python(
             "-m", "faceage_jax.age_photo", *model, photo, "-o", out, cwd=tmp_path
         )
@@ -108,6 +113,7 @@ def test_the_photo_tool_runs_from_a_workdir_and_from_the_file_alike(run, tmp_pat
         assert "checkpoint step 2" in result.stdout
         outputs.append(np.asarray(Image.open(out)))
     np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], outputs[2])
 
 
 def test_a_file_that_is_not_an_export_is_refused(tmp_path):
