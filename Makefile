@@ -1,5 +1,5 @@
 # Two entry points for a fresh clone: `make demo` trains the demo config on
-# bundled synthetic faces (then evaluates and exports it), `make test` runs lint and the test suite. Both
+# bundled synthetic faces (evaluating it as it goes, then exporting it), `make test` runs lint and the test suite. Both
 # create .venv on first use (pinned by requirements.lock) and reuse it after.
 
 VENV := .venv
@@ -18,7 +18,6 @@ find_python = for c in python3.12 python3.13 python3.14 python3 \
 
 demo: $(STAMP)
 	$(PY) -m faceage_jax.main --config configs/demo.py --workdir $(WORKDIR)
-	$(PY) -m faceage_jax.evaluate --config configs/demo.py --workdir $(WORKDIR)
 	$(PY) -m faceage_jax.export --workdir $(WORKDIR) -o $(WORKDIR)/generators.faceage
 
 test: $(STAMP)

@@ -190,9 +190,15 @@ def train_and_evaluate(
                 checkpointing.save(manager, step, state, train_iterator)
             if step % config.sample_every_steps == 0 or step == num_train_steps:
                 write_samples(writer, workdir, step, sampler(state.generator_params, sample_faces))
-            if evaluator is not None and step % config.eval_every_steps == 0:
+            if evaluator is not None and (
+                step % config.eval_every_steps == 0 or step == num_train_steps
+            ):
                 # Process 0 only, after the save: the other processes wait at the next step.
-                writer.write_scalars(step, evaluator(state.generator_params, step).scalars())
+                result = evaluator(state.generator_params, step)
+                writer.write_scalars(step, result.scalars())
+                for line in result.headline:
+                    logging.info("%s", line)
+                logging.info("Report: %s", result.directory / "report.md")
             if preempted:
                 logging.warning("Stopped at step %d after a preemption request.", step)
                 break

@@ -27,11 +27,12 @@ REPORT_FILES = [
 # which would tear a module-scoped fixture down and build it again.
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A 4-step run of the test config that evaluated itself at steps 2 and 4."""
+    """A 5-step run of the test config that evaluated itself at steps 2 and 4, and at its end."""
     root = tmp_path_factory.mktemp("evaluate")
     config = helpers.make_config(
         data_dir=str(root / "tfds"),
-        num_train_steps=4,
+        num_train_steps=5,
+        keep_checkpoints=3,  # 2, 4 and 5.
         eval_every_steps=2,
         eval_bootstrap_resamples=20,
     )
@@ -61,11 +62,12 @@ def finite(value) -> bool:
 @pytest.mark.xdist_group("evaluate")
 def test_training_evaluates_every_eval_every_steps_into_reports_and_tensorboard(trained):
     workdir = trained["workdir"]
-    assert sorted(p.name for p in (workdir / "eval").iterdir()) == ["2", "4", "cache"]
-    for step in ("2", "4"):
+    # Every 2 steps, and the last step's model (5) too.
+    assert sorted(p.name for p in (workdir / "eval").iterdir()) == ["2", "4", "5", "cache"]
+    for step in ("2", "4", "5"):
         assert sorted(p.name for p in (workdir / "eval" / step).iterdir()) == REPORT_FILES
     scalars = helpers.logged_scalars(workdir, ("eval/",))
-    assert sorted(scalars) == [2, 4]
+    assert sorted(scalars) == [2, 4, 5]
     for direction in evaluate.DIRECTIONS:
         assert finite(scalars[4][f"eval/{direction}/border_delta_e"])
         assert finite(scalars[4][f"eval/{direction}/cycle_l1"])
@@ -152,7 +154,7 @@ def test_a_missing_checkpoint_or_weights_file_is_a_clear_message(trained, tmp_pa
     assert "No checkpoint in" in result.stderr and "train first" in result.stderr
     result = helpers.run_python(*common, "--workdir", trained["workdir"], "--step", "3")
     assert result.returncode != 0
-    assert "No checkpoint of step 3" in result.stderr and "[2, 4]" in result.stderr
+    assert "No checkpoint of step 3" in result.stderr and "[2, 4, 5]" in result.stderr
     # Unreadable weights: FID and KID are reported missing with the reason; the rest runs.
     bad = tmp_path / "weights.pth"
     bad.write_bytes(b"not a torch file")
@@ -178,7 +180,7 @@ def _with(config, **overrides):
 @pytest.mark.xdist_group("evaluate")
 def test_restored_generator_params_equal_the_trained_state(trained):
     params, step = evaluate.restore_generator_params(trained["config"], trained["workdir"])
-    assert step == 4
+    assert step == 5
     expected = jax.device_get(trained["state"].generator_params)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), expected)
 
