@@ -6,11 +6,15 @@ Run, from the repository root:
   python -m faceage_jax.bench photo [--config configs/<name>.py --steps 10]
   python -m faceage_jax.bench serve [--config configs/<name>.py --steps 20]
 
-`step` prints images/s (a young+old pair counts as one image: images/s is the
-global batch over the seconds per step, as PyTorch's CycleGAN counts them),
-the median step time, compile time, the model FLOPs (see `model_flops`), the
-achieved GFLOP/s, page faults per step (see `runtime`), peak RSS, the
-devices and the glibc tunables it ran with. `gpu` is the prepared accelerator
+`step` prints the CPU's model and the ISA extensions that matter for it (AVX-512,
+AVX-512 BF16, AMX), images/s (a young+old pair counts as one image: images/s is
+the global batch over the seconds per step, as PyTorch's CycleGAN counts them),
+the median step time, compile time, the model FLOPs (see `model_flops`) and
+GFLOP/s, the executed FLOPs (see `executed_flops`: Winograd's are fewer) and
+GFLOP/s, the share of a matmul peak that it measures itself on the same threads
+in the compute dtype (--matmul_size, 2048 on CPU), page faults per step (see
+`runtime`), peak RSS, the devices and the glibc tunables it ran with.
+`gpu` is the prepared accelerator
 table: the default config (or --config) at several batch sizes in float32 and
 bfloat16, with the model FLOP utilization against matrix-multiply peaks it
 measures itself. `photo` is the photo tool's speed per photo and stage
@@ -24,6 +28,7 @@ runs on machines that carry just the accelerator stack.
 
 import dataclasses
 import os
+import platform
 import resource
 import statistics
 import time
@@ -49,10 +54,49 @@ flags.DEFINE_integer("steps", 5, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64"], "`gpu`: global batch sizes to time.")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "`gpu`: compute dtypes to time.")
-flags.DEFINE_integer("matmul_size", 8192, "`gpu`: n of the n x n x n matmul that sets the peak.")
+flags.DEFINE_integer(
+    "matmul_size",
+    None,
+    "n of the n x n x n matmul that sets the peak (default 8192 on accelerators, 2048 on CPU).",
+)
 
 COMMANDS = ("step", "gpu", "photo", "serve")
 GIB = 2**30
+# The x86 ISA extensions that decide how fast a CPU step can be: AVX-512 for
+# float32, AVX-512 BF16 and AMX for bfloat16 matrix products (/proc/cpuinfo names).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuInfo:
+    """The host CPU as `lscpu` names it, and which of `ISA_FLAGS` it has."""
+
+    model: str
+    cores: int
+    flags: frozenset[str]
+
+    def describe(self) -> str:
+        have = [flag for flag in ISA_FLAGS if flag in self.flags]
+        lack = [flag for flag in ISA_FLAGS if flag not in self.flags]
+        return f"{self.model} ({self.cores} cores); ISA: {' '.join(have) or '(none of them)'}" + (
+            f"; lacks {' '.join(lack)}" if lack else ""
+        )
+
+
+def cpu_info(cpuinfo: str | None = None) -> CpuInfo:
+    """Reads /proc/cpuinfo (or the text given); elsewhere falls back to `platform`."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as file:
+                cpuinfo = file.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    return CpuInfo(model, os.cpu_count() or 1, frozenset(fields.get("flags", "").split()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +112,8 @@ class StepReport:
     peak_rss_bytes: int
     device_kind: str
     num_devices: int
+    executed_flops_per_step: float = float("nan")  # The program as run (Winograd: fewer).
+    matmul_peak_flops: float = float("nan")  # One device's, measured in this process.
 
     @property
     def images_per_second(self) -> float:
@@ -80,6 +126,16 @@ class StepReport:
     @property
     def gflops_per_second(self) -> float:
         return self.flops_per_step / self.seconds_per_step / 1e9
+
+    @property
+    def executed_gflops_per_second(self) -> float:
+        return self.executed_flops_per_step / self.seconds_per_step / 1e9
+
+    @property
+    def executed_share_of_peak(self) -> float:
+        """Executed FLOP/s per device over the measured matmul peak of one device."""
+        per_device = self.executed_flops_per_step / self.num_devices / self.seconds_per_step
+        return per_device / self.matmul_peak_flops
 
 
 def random_batch(config: ml_collections.ConfigDict, mesh, seed: int = 0) -> dict[str, jax.Array]:
@@ -116,6 +172,7 @@ class CompiledStep:
     batch: dict[str, jax.Array]
     compile_seconds: float
     flops_per_step: float
+    executed_flops_per_step: float
 
 
 def lower_step(config: ml_collections.ConfigDict, mesh) -> tuple:
@@ -138,7 +195,21 @@ def compile_step(lowered_step: tuple, num_devices: int) -> CompiledStep:
     executable = lowered.compile()
     compile_seconds = time.perf_counter() - start
     flops = model_flops(config, batch) * num_devices
-    return CompiledStep(config, functions, executable, batch, compile_seconds, flops)
+    executed = executed_flops(config, batch) * num_devices
+    return CompiledStep(config, functions, executable, batch, compile_seconds, flops, executed)
+
+
+def _counted_flops(config: ml_collections.ConfigDict, batch, residual_convs: str) -> float:
+    """XLA's FLOPs of the step as written, per device, with every residual block unrolled."""
+    config = config.copy_and_resolve_references()
+    config.residual_convs = residual_convs
+    generator, discriminator = cyclegan.create_networks(config)
+    networks = cyclegan.Networks(generator.clone(scan_blocks=False), discriminator)
+    schedule = cyclegan.create_schedule(config, 1)
+    functions = cyclegan.create_step_functions(
+        config, parallel.create_mesh(), schedule, networks=networks
+    )
+    return xla_flops(functions.step.lower(functions.abstract_state, batch))
 
 
 def model_flops(config: ml_collections.ConfigDict, batch) -> float:
@@ -151,15 +222,18 @@ def model_flops(config: ml_collections.ConfigDict, batch) -> float:
     in fewer FLOPs, XLA counts a scan's body once, and after optimization GPUs
     hide convolutions in cuDNN calls that XLA does not count.
     """
-    config = config.copy_and_resolve_references()
-    config.residual_convs = "direct"
-    generator, discriminator = cyclegan.create_networks(config)
-    networks = cyclegan.Networks(generator.clone(scan_blocks=False), discriminator)
-    schedule = cyclegan.create_schedule(config, 1)
-    functions = cyclegan.create_step_functions(
-        config, parallel.create_mesh(), schedule, networks=networks
-    )
-    return xla_flops(functions.step.lower(functions.abstract_state, batch))
+    return _counted_flops(config, batch, "direct")
+
+
+def executed_flops(config: ml_collections.ConfigDict, batch) -> float:
+    """The FLOPs of one step as it runs here, per device: `model_flops` with the config's
+    residual convolutions (Winograd's transforms and products where they run).
+
+    Still counted on the program as written, every residual block unrolled: the
+    FLOPs that XLA's fusions and a GPU's convolution library do are not visible.
+    """
+    algorithm = "winograd" if cyclegan.use_winograd(config) else "direct"
+    return _counted_flops(config, batch, algorithm)
 
 
 def time_step(step: CompiledStep, state, *, steps: int, warmup: int) -> StepReport:
@@ -188,17 +262,27 @@ def time_step(step: CompiledStep, state, *, steps: int, warmup: int) -> StepRepo
         peak_rss_bytes=peak_rss_bytes(),
         device_kind=jax.devices()[0].device_kind,
         num_devices=jax.device_count(),
+        executed_flops_per_step=step.executed_flops_per_step,
     )
 
 
-def measure_step(config: ml_collections.ConfigDict, *, steps: int, warmup: int) -> StepReport:
-    """Compiles the training step over all devices and times it on random batches."""
+def measure_step(
+    config: ml_collections.ConfigDict, *, steps: int, warmup: int, matmul_size: int = 2048
+) -> StepReport:
+    """Compiles the training step over all devices and times it on random batches.
+
+    Also measures one device's matmul peak in the compute dtype, on the threads
+    the step runs on, after the step (so the step's timing sees a cold cache no
+    more than training does).
+    """
     mesh = parallel.create_mesh()
     step = compile_step(lower_step(config, mesh), mesh.devices.size)
     state = step.functions.init(jax.random.key(config.seed))
     jax.block_until_ready(state)
     runtime.release_freed_memory()  # As training does: the compilers' memory goes back.
-    return time_step(step, state, steps=steps, warmup=warmup)
+    report = time_step(step, state, steps=steps, warmup=warmup)
+    peak = measure_matmul_peak(matmul_size, jnp.dtype(config.compute_dtype))
+    return dataclasses.replace(report, matmul_peak_flops=peak)
 
 
 def describe_config(config: ml_collections.ConfigDict) -> str:
@@ -219,7 +303,11 @@ def format_step_report(report: StepReport) -> str:
             f"compile seconds: {report.compile_seconds:.1f}",
             f"model FLOPs/step: {report.flops_per_step:.4g}",
             f"GFLOP/image: {report.gflop_per_image:.1f}",
-            f"achieved GFLOP/s: {report.gflops_per_second:.1f}",
+            f"model GFLOP/s: {report.gflops_per_second:.1f}",
+            f"executed FLOPs/step: {report.executed_flops_per_step:.4g}",
+            f"executed GFLOP/s: {report.executed_gflops_per_second:.1f}",
+            f"matmul peak GFLOP/s: {report.matmul_peak_flops / 1e9:.1f} (one device)",
+            f"executed share of matmul peak: {report.executed_share_of_peak:.1%}",
             f"peak RSS: {report.peak_rss_bytes / GIB:.2f} GiB",
         ]
     )
@@ -314,9 +402,13 @@ def main(argv):
         if config is None:
             raise app.UsageError("`step` needs --config=configs/<name>.py.")
         runtime.choose_xla_cpu_scheduler(config)  # As training does.
+        print(f"cpu: {cpu_info().describe()}", flush=True)
         print(f"config: {describe_config(config)}", flush=True)
         print(f"glibc tunables: {os.environ.get('GLIBC_TUNABLES') or '(none)'}", flush=True)
-        print(format_step_report(measure_step(config, steps=FLAGS.steps, warmup=FLAGS.warmup)))
+        size = FLAGS.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
+        report = measure_step(config, steps=FLAGS.steps, warmup=FLAGS.warmup, matmul_size=size)
+        print(format_step_report(report))
+        print(f"(matmul peak: {size}^3 {config.compute_dtype}, default precision)")
     elif commands[0] in ("photo", "serve"):
         from faceage_jax import photo_bench
 
@@ -329,7 +421,7 @@ def main(argv):
             FLAGS.dtypes,
             steps=FLAGS.steps,
             warmup=FLAGS.warmup,
-            matmul_size=FLAGS.matmul_size,
+            matmul_size=FLAGS.matmul_size or 8192,
         )
 
 

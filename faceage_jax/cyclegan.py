@@ -42,6 +42,9 @@ def use_winograd(config: ml_collections.ConfigDict) -> bool:
     'auto' picks it on CPU in float32, where XLA's convolutions run near the
     machine's peak and 4x fewer multiplications make the step faster. On GPUs and
     TPUs the convolution libraries are left to choose their own algorithms.
+    In bfloat16 on a CPU with AVX-512 BF16 (AMD EPYC, 2 cores, demo config,
+    2026-12-04) direct convolutions ran 5.62 images/s and Winograd 4.35: 'auto'
+    stays direct there.
     """
     if config.residual_convs == "auto":
         return jax.default_backend() == "cpu" and config.compute_dtype == "float32"

@@ -61,6 +61,42 @@ def test_step_command_prints_every_figure():
     # 32px, ngf/ndf 8: well under a GFLOP per image, but not nothing.
     assert 0.05 < flops / 4 / 1e9 < 1
     assert figure(output, "peak RSS") > 0.1
+    # The CPU it ran on, and the step as executed beside the model's figures: on CPU in
+    # float32 the residual convolutions run by Winograd, in fewer FLOPs than the model's.
+    cpu = bench.cpu_info()
+    assert f"cpu: {cpu.model} ({cpu.cores} cores); ISA: " in output
+    executed = figure(output, "executed FLOPs/step")
+    assert 0.5 * flops < executed < flops
+    assert figure(output, "executed GFLOP/s") == pytest.approx(
+        executed / seconds / 1e9, rel=0.01, abs=0.1
+    )
+    peak = figure(output, "matmul peak GFLOP/s")
+    assert peak > 1
+    share = figure(output, "executed share of matmul peak") / 100
+    assert share == pytest.approx(executed / seconds / 1e9 / peak, rel=0.05, abs=0.002)
+    assert "(matmul peak: 2048^3 float32, default precision)" in output
+
+
+SAPPHIRE_RAPIDS = """processor	: 0
+vendor_id	: GenuineIntel
+model name	: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags		: fpu sse2 avx avx2 avx512f avx512dq avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8
+
+processor	: 1
+model name	: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags		: fpu sse2 avx avx2 avx512f avx512dq avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8
+"""
+
+
+def test_the_cpu_line_names_the_model_and_the_isa_extensions_that_matter():
+    xeon = bench.cpu_info(SAPPHIRE_RAPIDS)
+    assert xeon.model == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+    assert xeon.describe().endswith("; ISA: avx2 avx512f avx512_bf16 avx512_fp16 amx_tile amx_bf16")
+    epyc = bench.cpu_info("model name\t: AMD EPYC\nflags\t: fpu avx2 avx512f avx512_bf16\n")
+    assert epyc.describe().endswith(
+        "; ISA: avx2 avx512f avx512_bf16; lacks avx512_fp16 amx_tile amx_bf16"
+    )
+    assert bench.cpu_info("").model  # Without /proc/cpuinfo: platform's name, never empty.
 
 
 @pytest.mark.slow
