@@ -38,7 +38,7 @@ def prepare_dataset(config) -> tfds.core.DatasetBuilder:
     builder_config = utkface.config_for_test_share(config.test_share)
     if config.dataset == "synthetic":
         root = epath.Path(config.data_dir or _default_data_dir())
-        root = root / f"synthetic_faces_{config.num_synthetic_faces}"
+        root = root / f"synthetic_faces_v{synthetic.VERSION}_{config.num_synthetic_faces}"
         builder = tfds.builder("utk_face", data_dir=root, config=builder_config)
         if not builder.is_prepared():
             logging.info("Writing %d synthetic faces to %s", config.num_synthetic_faces, root)

@@ -54,7 +54,9 @@ def _assert_batches_equal(batches, other_batches):
 
 
 def test_synthetic_faces_are_generated_once_into_the_data_dir(config, builder):
-    assert builder.data_dir_root == pathlib.Path(config.data_dir) / f"synthetic_faces_{NUM_FACES}"
+    assert builder.data_dir_root == (
+        pathlib.Path(config.data_dir) / f"synthetic_faces_v{synthetic.VERSION}_{NUM_FACES}"
+    )
     faces = list(pathlib.Path(builder.data_dir_root, "manual", "UTKFace").iterdir())
     assert len(faces) == NUM_FACES
     assert sum(split.num_examples for split in builder.info.splits.values()) == NUM_FACES

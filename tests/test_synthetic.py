@@ -117,6 +117,22 @@ def test_identity_traits_do_not_depend_on_age(specs):
         assert abs(np.corrcoef(values, ages)[0, 1]) < 0.1, name
 
 
+def test_backdrops_come_from_the_palette_and_fill_the_corners(specs, rendered):
+    backdrops = np.array([spec.background_colour for spec in specs])
+    palette_index = np.argmin(
+        np.abs(backdrops[:, None] - synthetic.BACKDROPS[None]).sum(-1), axis=1
+    )
+    np.testing.assert_array_equal(backdrops, synthetic.BACKDROPS[palette_index])
+    # Every backdrop is used, each by roughly its share.
+    counts = np.bincount(palette_index, minlength=len(synthetic.BACKDROPS))
+    assert counts.min() > 0.5 * len(specs) / len(synthetic.BACKDROPS)
+    images, _ = rendered
+    faces = synthetic.face_specs(len(images), seed=1)
+    corners = images[:, :8, :8].reshape(len(images), -1, 3).mean(1) / 255
+    expected = np.array([face.background_colour for face in faces])
+    np.testing.assert_allclose(corners, expected, atol=1.5 / 255)
+
+
 def test_write_faces_writes_decodable_jpegs_under_their_names(tmp_path):
     specs = synthetic.write_faces(tmp_path / "faces", 5, seed=0)
     assert sorted(p.name for p in (tmp_path / "faces").iterdir()) == sorted(
