@@ -41,11 +41,9 @@ _HAIR_COLOURS = np.array(
 )
 _EYE_COLOURS = np.array([[0.25, 0.15, 0.08], [0.20, 0.35, 0.55], [0.25, 0.40, 0.25]])
 # Backdrops, as in portrait photos: off-white, light and mid grey, dark and light blue,
-# green, beige, brick. A palette, not uniform random colours: a short run (the demo's
-# 320 steps) keeps a palette backdrop's colour better (border CIEDE2000 18.7 instead of
-# 25.3, cycle L1 0.152 instead of 0.196, README "The demo's budget"), because after
-# instance normalization the generator rebuilds each image's colour from what it has
-# seen; colours from a continuum take far longer to learn.
+# green, beige, brick. A palette, not uniform random colours: after instance
+# normalization the generator rebuilds each image's colour from what it has seen, and
+# colours from a continuum take far longer to learn (figures: README, "The demo's budget").
 BACKDROPS = np.array(
     [
         [0.92, 0.92, 0.90],
