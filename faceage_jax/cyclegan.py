@@ -42,9 +42,13 @@ def use_winograd(config: ml_collections.ConfigDict) -> bool:
     'auto' picks it on CPU in float32, where XLA's convolutions run near the
     machine's peak and 4x fewer multiplications make the step faster. On GPUs and
     TPUs the convolution libraries are left to choose their own algorithms.
-    In bfloat16 on a CPU with AVX-512 BF16 (AMD EPYC, 2 cores, demo config,
-    2026-12-04) direct convolutions ran 5.62 images/s and Winograd 4.35: 'auto'
-    stays direct there.
+    Measured on 2 cores, demo config: float32 Winograd 6.55 images/s against
+    direct 5.9 on an Intel Xeon with AMX (2026-12-06, before its transforms
+    became single fused operations, which made it ~10 % faster still). In
+    bfloat16, where XLA:CPU runs convolutions in float32 between conversions,
+    direct ran 5.62 and Winograd 4.35 on an AMD EPYC with AVX-512 BF16
+    (2026-12-04), and 5.18 against 5.10 on the Xeon (2026-12-06): 'auto' stays
+    direct there.
     """
     if config.residual_convs == "auto":
         return jax.default_backend() == "cpu" and config.compute_dtype == "float32"

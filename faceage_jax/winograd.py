@@ -59,6 +59,54 @@ def _combine(parts: list[jax.Array], matrix: np.ndarray) -> list[jax.Array]:
     return combined
 
 
+# The transforms by name, so that `_transform` can take them as static arguments.
+MATRICES = {"BT": BT, "G": G, "AT": AT}
+
+
+def _apply_along(x: jax.Array, matrix: np.ndarray, in_axis: int, out_axis: int) -> jax.Array:
+    parts = [lax.index_in_dim(x, i, in_axis, keepdims=False) for i in range(x.shape[in_axis])]
+    return jnp.stack(_combine(parts, matrix), axis=out_axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _transform(x: jax.Array, name: str, in_axis: int, out_axis: int) -> jax.Array:
+    """`MATRICES[name]` applied along `in_axis` of `x`, the result's axis moved to `out_axis`.
+
+    One fused elementwise operation each way. Autodiff of it would take every
+    part's gradient as its own pad-and-add (hundreds of small operations per
+    convolution); the backward pass here is the transposed matrix applied the
+    same way, from `out_axis` back to `in_axis`.
+    """
+    return _apply_along(x, MATRICES[name], in_axis, out_axis)
+
+
+def _transform_forward(x, name, in_axis, out_axis):
+    return _transform(x, name, in_axis, out_axis), None
+
+
+def _transform_backward(name, in_axis, out_axis, _, grad):
+    return (_apply_along(grad, MATRICES[name].T, out_axis, in_axis),)
+
+
+_transform.defvjp(_transform_forward, _transform_backward)
+
+
+def _windows(x: jax.Array, axis: int, count: int) -> jax.Array:
+    """`[..., 4 * count + 2, ...] -> [..., count, 6, ...]`: windows of 6 at stride 4 along `axis`.
+
+    Window t is blocks t and t + 1 of 4 (the first two rows of the latter): a
+    reshape and one concatenation, where 6 strided slices would be 6 operations
+    with as many pad-and-adds in the backward pass.
+    """
+    padding = [(0, 0)] * x.ndim
+    padding[axis] = (0, 2)
+    blocks = jnp.pad(x, padding)
+    blocks = blocks.reshape(x.shape[:axis] + (count + 1, TILE) + x.shape[axis + 1 :])
+    head = lax.slice_in_dim(blocks, 0, count, axis=axis)
+    tail = lax.slice_in_dim(lax.slice_in_dim(blocks, 1, count + 1, axis=axis), 0, 2, axis=axis + 1)
+    return jnp.concatenate([head, tail], axis=axis + 1)
+
+
 @jax.custom_vjp
 def _tile_products(tiles: jax.Array, kernel: jax.Array) -> jax.Array:
     """`[T, N, C] x [T, C, D] -> [T, N, D]`: the 36 products of `winograd_conv3x3`.
@@ -107,24 +155,16 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     tile, size = TILE, TILE + 2
     tiles_h, tiles_w = -(-height // tile), -(-width // tile)
     x = jnp.pad(x, ((0, 0), (0, tiles_h * tile - height), (0, tiles_w * tile - width), (0, 0)))
-    # B^T d B, separably: tile rows first (row i of every tile: x[:, 4t + i]), then columns.
-    rows = [x[:, i : i + tile * (tiles_h - 1) + 1 : tile] for i in range(size)]
-    transformed = []
-    for row in _combine(rows, BT):
-        columns = [row[:, :, j : j + tile * (tiles_w - 1) + 1 : tile] for j in range(size)]
-        transformed.extend(_combine(columns, BT))
-    tiles = jnp.stack(transformed).reshape(size * size, batch * tiles_h * tiles_w, channels)
-    # G g G^T, separably, as elementwise sums (far slower as a dot with K = 3).
-    transformed_kernel = []
-    for row in _combine(list(kernel), G):
-        transformed_kernel.extend(_combine(list(row), G))
-    kernel = jnp.stack(transformed_kernel)  # [36, C, D]
-    products = _tile_products(tiles, kernel)
+    # B^T d B, separably: rows of tiles, then columns, each transform's axis moved to the front.
+    tiles = _transform(_windows(x, 1, tiles_h), "BT", 2, 0)  # [6, B, th, W, C]
+    tiles = _transform(_windows(tiles, 3, tiles_w), "BT", 4, 1)  # [6, 6, B, th, tw, C]
+    tiles = tiles.reshape(size * size, batch * tiles_h * tiles_w, channels)
+    # G g G^T, separably.
+    kernel = _transform(_transform(kernel, "G", 0, 0), "G", 1, 1)  # [6, 6, C, D]
+    products = _tile_products(tiles, kernel.reshape(size * size, channels, -1))
     products = products.reshape(size, size, batch, tiles_h, tiles_w, -1)
-    # A^T m A, separably; then the 4x4 outputs of each tile back in place.
-    outputs = []
-    for row in _combine(list(products), AT):
-        outputs.append(jnp.stack(_combine(list(row), AT), axis=3))  # [B, th, tw, 4, D]
-    y = jnp.stack(outputs, axis=2)  # [B, th, 4, tw, 4, D]
+    # A^T m A, separably, each 4x4 output tile put back in place.
+    y = _transform(products, "AT", 1, 4)  # [6, B, th, tw, 4, D]
+    y = _transform(y, "AT", 0, 2)  # [B, th, 4, tw, 4, D]
     y = y.reshape(batch, tile * tiles_h, tile * tiles_w, -1)
     return y[:, :height, :width]
