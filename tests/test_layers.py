@@ -100,6 +100,33 @@ def test_instance_norm_equals_flax_instance_norm_with_gradients(dtype):
     )
 
 
+@pytest.mark.parametrize(
+    ("shape", "relu_input"),
+    [
+        ((2, 9, 7, 5), False),  # Odd, unequal height and width: the last row and column's taps.
+        ((2, 16, 12, 8), True),  # Even sizes, as in the generator (which feeds it relu(x)).
+    ],
+)
+def test_downsampling_conv_equals_flax_conv_with_gradients(shape, relu_input):
+    # layers.Conv runs 3x3 stride-2 PAD_1 convolutions as downsample_conv3x3, whose
+    # backward pass is written by hand: held to autodiff of Flax's nn.Conv.
+    inputs = jax.random.normal(jax.random.key(1), shape)
+    straightforward = nn.Conv(
+        6, (3, 3), strides=(2, 2), padding=layers.PAD_1, kernel_init=layers.KERNEL_INIT
+    )
+    fast = layers.Conv(6, (3, 3), strides=(2, 2), padding=layers.PAD_1, relu_input=relu_input)
+    params = perturbed(straightforward.init(jax.random.key(0), inputs))
+    cotangent = jax.random.normal(jax.random.key(2), straightforward.apply(params, inputs).shape)
+
+    def reference(variables, x):
+        return straightforward.apply(variables, nn.relu(x) if relu_input else x)
+
+    expected_output, pullback = jax.vjp(reference, params, inputs)
+    expected = (expected_output, *pullback(cotangent))
+    actual = value_and_gradients(fast, params, inputs, cotangent)
+    assert_equal_up_to_float32_rounding(actual, expected)
+
+
 def test_winograd_conv_refuses_what_it_cannot_compute():
     strided = layers.Conv(4, (3, 3), strides=(2, 2), padding=layers.PAD_1, winograd=True)
     with pytest.raises(ValueError, match="3x3 stride-1"):
