@@ -57,6 +57,16 @@ def run_schedule(config, workdir, steps_per_epoch: int, resuming: bool) -> cycle
     return recorded
 
 
+def warn_if_bfloat16_on_cpu(config) -> None:
+    """Warns that `compute_dtype='bfloat16'` makes the step slower, not faster, on a CPU."""
+    if config.compute_dtype == "bfloat16" and jax.default_backend() == "cpu":
+        logging.warning(
+            "compute_dtype='bfloat16' on a CPU: XLA:CPU runs bfloat16 convolutions in "
+            "float32 with conversions around them, so the step is slower than in float32 "
+            "(README, 'Benchmarks'). Drop --config.compute_dtype to train in float32."
+        )
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or Inf; the run stops without saving the bad state."""
 
@@ -113,6 +123,7 @@ def train_and_evaluate(
             num_train_steps,
             schedule.total_steps,
         )
+    warn_if_bfloat16_on_cpu(config)
     mesh = parallel.create_mesh()
     functions = cyclegan.create_step_functions(config, mesh, schedule)
     if train_iterator is None:

@@ -141,6 +141,14 @@ def test_the_schedule_is_logged_in_steps_and_kept_by_a_resumed_run(tmp_path, sha
     assert rates[5]["learning_rate"] == 0 and rates[6]["learning_rate"] == 0
 
 
+def test_bfloat16_on_a_cpu_is_warned_about(caplog):
+    caplog.set_level(logging.WARNING)
+    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="float32"))
+    assert not caplog.records
+    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="bfloat16"))
+    assert "slower than in float32" in caplog.text and "--config.compute_dtype" in caplog.text
+
+
 class FailingSaves(RandomBatches):
     """Random batches whose position cannot be saved from `fail_at_batch` on."""
 
