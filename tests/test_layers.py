@@ -101,20 +101,32 @@ def test_instance_norm_equals_flax_instance_norm_with_gradients(dtype):
 
 
 @pytest.mark.parametrize(
-    ("shape", "relu_input"),
+    ("shape", "layer", "relu_input"),
     [
-        ((2, 9, 7, 5), False),  # Odd, unequal height and width: the last row and column's taps.
-        ((2, 16, 12, 8), True),  # Even sizes, as in the generator (which feeds it relu(x)).
+        # downsample_conv3x3: odd, unequal height and width (the last row and
+        # column's taps), then even sizes fed relu(x), as in the generator.
+        (
+            (2, 9, 7, 5),
+            dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding="PAD_1"),
+            False,
+        ),
+        (
+            (2, 16, 12, 8),
+            dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding="PAD_1"),
+            True,
+        ),
+        # narrow_conv: the generator's RGB output layer, and an unequal kernel.
+        ((2, 14, 12, 8), dict(features=3, kernel_size=(7, 7), padding="VALID"), True),
+        ((1, 9, 11, 5), dict(features=1, kernel_size=(3, 5), padding="VALID"), False),
     ],
 )
-def test_downsampling_conv_equals_flax_conv_with_gradients(shape, relu_input):
-    # layers.Conv runs 3x3 stride-2 PAD_1 convolutions as downsample_conv3x3, whose
-    # backward pass is written by hand: held to autodiff of Flax's nn.Conv.
+def test_convs_with_hand_written_gradients_equal_flax_conv(shape, layer, relu_input):
+    # layers.Conv runs these through custom VJPs: held to autodiff of Flax's nn.Conv.
+    if layer.get("padding") == "PAD_1":
+        layer = {**layer, "padding": layers.PAD_1}
     inputs = jax.random.normal(jax.random.key(1), shape)
-    straightforward = nn.Conv(
-        6, (3, 3), strides=(2, 2), padding=layers.PAD_1, kernel_init=layers.KERNEL_INIT
-    )
-    fast = layers.Conv(6, (3, 3), strides=(2, 2), padding=layers.PAD_1, relu_input=relu_input)
+    straightforward = nn.Conv(**layer, kernel_init=layers.KERNEL_INIT)
+    fast = layers.Conv(**layer, relu_input=relu_input)
     params = perturbed(straightforward.init(jax.random.key(0), inputs))
     cotangent = jax.random.normal(jax.random.key(2), straightforward.apply(params, inputs).shape)
 
