@@ -122,24 +122,36 @@ def _downsample_conv3x3_forward(x, kernel):
     return downsample_conv3x3(x, kernel), (x, kernel)
 
 
+def _patches(x: jax.Array, kernel_size, out_size, stride: int = 1) -> jax.Array:
+    """`[B, H, W, C] -> [B * oh * ow, kh * kw * C]`: each output's window, taps in (i, j) order."""
+    (kernel_height, kernel_width), (out_height, out_width) = kernel_size, out_size
+    windows = [
+        x[
+            :,
+            i : i + stride * (out_height - 1) + 1 : stride,
+            j : j + stride * (out_width - 1) + 1 : stride,
+        ]
+        for i in range(kernel_height)
+        for j in range(kernel_width)
+    ]
+    return jnp.concatenate(windows, axis=-1).reshape(-1, kernel_height * kernel_width * x.shape[-1])
+
+
+def _flipped(kernel: jax.Array) -> jax.Array:
+    """The kernel of a convolution's input gradient: taps reversed, in and out features swapped."""
+    return jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+
+
 def _downsample_conv3x3_backward(residuals, grad):
     x, kernel = residuals
-    batch, height, width, channels = x.shape
+    _, height, width, _ = x.shape
     _, out_height, out_width, features = grad.shape
     # Input gradient: input row 2j takes tap 1 of output row j, row 2j + 1 taps 2
     # and 0 of output rows j and j + 1: a transposed convolution with the taps flipped.
-    flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-    x_grad = _subpixel_conv_transpose(grad, flipped)[:, :height, :width]
+    x_grad = _subpixel_conv_transpose(grad, _flipped(kernel))[:, :height, :width]
     # Kernel gradient: tap (i, j) sums input (2m + i, 2n + j) times output gradient (m, n).
     padded = jnp.pad(x, ((0, 0), *PAD_1, (0, 0)))
-    patches = jnp.concatenate(
-        [
-            padded[:, i : i + 2 * out_height - 1 : 2, j : j + 2 * out_width - 1 : 2]
-            for i in range(3)
-            for j in range(3)
-        ],
-        axis=-1,
-    ).reshape(-1, 9 * channels)
+    patches = _patches(padded, (3, 3), (out_height, out_width), stride=2)
     # Transposed first, behind a barrier, so the product contracts its operands'
     # minor and major axes, the form XLA:CPU runs fastest (see `winograd._tile_products`).
     patches = lax.optimization_barrier(patches.T)
@@ -177,27 +189,19 @@ def _narrow_conv_backward(residuals, grad):
     x, kernel = residuals
     kernel_height, kernel_width, channels, features = kernel.shape
     _, height, width, _ = x.shape
-    taps = kernel_height * kernel_width
-    # Input (p, q) gets tap (i, j) of output (p - i, q - j): the output gradient,
-    # zero-padded by the kernel's size less one, read at offset (kh - 1 - i, kw - 1 - j).
+    # The input gradient is the output gradient, zero-padded by the kernel's size
+    # less one, convolved with the flipped kernel: its patches are the few-feature side.
     padded = jnp.pad(grad, ((0, 0), (kernel_height - 1,) * 2, (kernel_width - 1,) * 2, (0, 0)))
-
-    def window(i, j):
-        top, left = kernel_height - 1 - i, kernel_width - 1 - j
-        return padded[:, top : top + height, left : left + width]
-
-    windows = [window(i, j) for i in range(kernel_height) for j in range(kernel_width)]
-    patches = jnp.concatenate(windows, axis=-1).reshape(-1, taps * features)
+    patches = _patches(padded, (kernel_height, kernel_width), (height, width))
     # Each product's operands materialized in the layout XLA:CPU multiplies fastest
     # (see `winograd._tile_products`): barriers keep XLA from folding them back.
     patches = lax.optimization_barrier(patches)
-    kernel_t = lax.optimization_barrier(
-        jnp.swapaxes(kernel, 2, 3).reshape(taps * features, channels)
-    )
-    x_grad = (patches @ kernel_t).reshape(x.shape)
+    flipped = lax.optimization_barrier(_flipped(kernel).reshape(-1, channels))
+    x_grad = (patches @ flipped).reshape(x.shape)
     x_t = lax.optimization_barrier(x.reshape(-1, channels).T)
+    # Patch tap (a, b) is kernel tap (kh - 1 - a, kw - 1 - b).
     kernel_grad = (x_t @ patches).reshape(channels, kernel_height, kernel_width, features)
-    return x_grad, jnp.transpose(kernel_grad, (1, 2, 0, 3))
+    return x_grad, jnp.transpose(kernel_grad[:, ::-1, ::-1], (1, 2, 0, 3))
 
 
 narrow_conv.defvjp(_narrow_conv_forward, _narrow_conv_backward)

@@ -107,12 +107,12 @@ def test_instance_norm_equals_flax_instance_norm_with_gradients(dtype):
         # column's taps), then even sizes fed relu(x), as in the generator.
         (
             (2, 9, 7, 5),
-            dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding="PAD_1"),
+            dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding=layers.PAD_1),
             False,
         ),
         (
             (2, 16, 12, 8),
-            dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding="PAD_1"),
+            dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding=layers.PAD_1),
             True,
         ),
         # narrow_conv: the generator's RGB output layer, and an unequal kernel.
@@ -122,8 +122,6 @@ def test_instance_norm_equals_flax_instance_norm_with_gradients(dtype):
 )
 def test_convs_with_hand_written_gradients_equal_flax_conv(shape, layer, relu_input):
     # layers.Conv runs these through custom VJPs: held to autodiff of Flax's nn.Conv.
-    if layer.get("padding") == "PAD_1":
-        layer = {**layer, "padding": layers.PAD_1}
     inputs = jax.random.normal(jax.random.key(1), shape)
     straightforward = nn.Conv(**layer, kernel_init=layers.KERNEL_INIT)
     fast = layers.Conv(**layer, relu_input=relu_input)
