@@ -28,7 +28,6 @@ runs on machines that carry just the accelerator stack.
 
 import dataclasses
 import os
-import platform
 import resource
 import statistics
 import time
@@ -62,41 +61,6 @@ flags.DEFINE_integer(
 
 COMMANDS = ("step", "gpu", "photo", "serve")
 GIB = 2**30
-# The x86 ISA extensions that decide how fast a CPU step can be: AVX-512 for
-# float32, AVX-512 BF16 and AMX for bfloat16 matrix products (/proc/cpuinfo names).
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
-
-
-@dataclasses.dataclass(frozen=True)
-class CpuInfo:
-    """The host CPU as `lscpu` names it, and which of `ISA_FLAGS` it has."""
-
-    model: str
-    cores: int
-    flags: frozenset[str]
-
-    def describe(self) -> str:
-        have = [flag for flag in ISA_FLAGS if flag in self.flags]
-        lack = [flag for flag in ISA_FLAGS if flag not in self.flags]
-        return f"{self.model} ({self.cores} cores); ISA: {' '.join(have) or '(none of them)'}" + (
-            f"; lacks {' '.join(lack)}" if lack else ""
-        )
-
-
-def cpu_info(cpuinfo: str | None = None) -> CpuInfo:
-    """Reads /proc/cpuinfo (or the text given); elsewhere falls back to `platform`."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as file:
-                cpuinfo = file.read()
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    model = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
-    return CpuInfo(model, os.cpu_count() or 1, frozenset(fields.get("flags", "").split()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,7 +366,7 @@ def main(argv):
         if config is None:
             raise app.UsageError("`step` needs --config=configs/<name>.py.")
         runtime.choose_xla_cpu_scheduler(config)  # As training does.
-        print(f"cpu: {cpu_info().describe()}", flush=True)
+        print(f"cpu: {runtime.cpu_info().describe()}", flush=True)
         print(f"config: {describe_config(config)}", flush=True)
         print(f"glibc tunables: {os.environ.get('GLIBC_TUNABLES') or '(none)'}", flush=True)
         size = FLAGS.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)

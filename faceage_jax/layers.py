@@ -142,6 +142,39 @@ def _flipped(kernel: jax.Array) -> jax.Array:
     return jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
 
 
+@jax.custom_vjp
+def valid_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`_conv(x, kernel)` (stride 1, 'VALID'), whose input gradient is a plain convolution.
+
+    The input gradient is the output gradient, zero-padded by the kernel's size
+    less one, convolved with the flipped kernel (`_flipped`), which is
+    materialized first. Autodiff's input gradient is the same convolution with
+    the flip and the feature exchange left to the convolution's dimension
+    numbers. In float32 both run as fast, with identical results; in bfloat16
+    on oneDNN (`cyclegan.compiler_options`), this form ran 1.9x (3x3, 128
+    features, 16x16, batch 4), 1.7x (3x3, 256 features, 32x32, batch 1) and
+    2.6x (7x7, 3 to 32 features, 64x64, batch 4) faster per layer, forward and
+    backward (Intel Xeon with AMX, 2026-12-07). The kernel gradient is autodiff's.
+    """
+    return _conv(x, kernel)
+
+
+def _valid_conv_forward(x, kernel):
+    return valid_conv(x, kernel), (x, kernel)
+
+
+def _valid_conv_backward(residuals, grad):
+    x, kernel = residuals
+    kernel_height, kernel_width = kernel.shape[:2]
+    padded = jnp.pad(grad, ((0, 0), (kernel_height - 1,) * 2, (kernel_width - 1,) * 2, (0, 0)))
+    x_grad = _conv(padded, lax.optimization_barrier(_flipped(kernel)))
+    kernel_grad = jax.vjp(lambda kernel: _conv(x, kernel), kernel)[1](grad)[0]
+    return x_grad, kernel_grad
+
+
+valid_conv.defvjp(_valid_conv_forward, _valid_conv_backward)
+
+
 def _downsample_conv3x3_backward(residuals, grad):
     x, kernel = residuals
     _, height, width, _ = x.shape
@@ -215,7 +248,8 @@ class Conv(nn.Module):
     (see `_apply_layer`). With `winograd` (3x3, stride 1, 'VALID' only) the
     convolution runs as `winograd_conv3x3`; a 3x3 stride-2 one padded by
     `PAD_1` (the generator's downsampling) as `downsample_conv3x3`; a stride-1
-    'VALID' one to at most `NARROW_FEATURES` features as `narrow_conv`.
+    'VALID' one to at most `NARROW_FEATURES` features as `narrow_conv`, any other
+    stride-1 'VALID' one as `valid_conv`.
     """
 
     features: int
@@ -247,8 +281,10 @@ class Conv(nn.Module):
                 return winograd_conv3x3(inputs, kernel)
             if shape == ((3, 3), (2, 2), PAD_1):
                 return downsample_conv3x3(inputs, kernel)
-            if shape[1:] == ((1, 1), "VALID") and self.features <= NARROW_FEATURES:
-                return narrow_conv(inputs, kernel)
+            if shape[1:] == ((1, 1), "VALID"):
+                if self.features <= NARROW_FEATURES:
+                    return narrow_conv(inputs, kernel)
+                return valid_conv(inputs, kernel)
             return _conv(inputs, kernel, self.strides, self.padding)
 
         return _apply_layer(x, kernel, layer, self.relu_input) + bias
@@ -259,10 +295,10 @@ def _subpixel_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
     batch, height, width, _ = x.shape
     # A zero row and column past the end: the last odd outputs' missing neighbours.
     padded = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    even_even = _conv(x, kernel[1:2, 1:2])
-    even_odd = _conv(padded[:, :height], kernel[1:2, 0::2])
-    odd_even = _conv(padded[:, :, :width], kernel[0::2, 1:2])
-    odd_odd = _conv(padded, kernel[0::2, 0::2])
+    even_even = valid_conv(x, kernel[1:2, 1:2])
+    even_odd = valid_conv(padded[:, :height], kernel[1:2, 0::2])
+    odd_even = valid_conv(padded[:, :, :width], kernel[0::2, 1:2])
+    odd_odd = valid_conv(padded, kernel[0::2, 0::2])
     even_rows = jnp.stack([even_even, even_odd], axis=3)  # [B, H, W, 2, F]
     odd_rows = jnp.stack([odd_even, odd_odd], axis=3)
     y = jnp.stack([even_rows, odd_rows], axis=2)  # [B, H, 2, W, 2, F]

@@ -13,6 +13,7 @@ whose leaves carry a leading device axis sharded over 'data'.
 """
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -61,11 +62,18 @@ def _per_device_pools(fn: Callable) -> Callable:
     return wrapped
 
 
-def launch(per_device_step: Callable, mesh: Mesh, abstract_state, parallelism: str) -> Callable:
+def launch(
+    per_device_step: Callable,
+    mesh: Mesh,
+    abstract_state,
+    parallelism: str,
+    compiler_options: Mapping[str, Any] | None = None,
+) -> Callable:
     """Compiles `per_device_step(state, batch) -> (state, metrics)` over all devices of `mesh`.
 
     The returned function takes the global state (donated) and a global batch
     sharded on 'data', and returns the new global state and replicated metrics.
+    `compiler_options` (XLA's debug options by name) apply to the step's compilation.
     """
     if parallelism == "shard_map":
         specs = state_specs(abstract_state)
@@ -75,16 +83,22 @@ def launch(per_device_step: Callable, mesh: Mesh, abstract_state, parallelism: s
             in_specs=(specs, P(AXIS)),
             out_specs=(specs, P()),
         )
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(step, donate_argnums=0, compiler_options=compiler_options)
     if parallelism == "pmap":
-        return _launch_pmap(per_device_step, mesh, abstract_state)
+        return _launch_pmap(per_device_step, mesh, abstract_state, compiler_options)
     raise ValueError(
         f"config.parallelism={parallelism!r} is not supported; use one of {PARALLELISMS}."
     )
 
 
-def _launch_pmap(per_device_step: Callable, mesh: Mesh, abstract_state) -> Callable:
-    """`jax.pmap` of the same per-device step, wrapped to take and return global arrays."""
+def _launch_pmap(
+    per_device_step: Callable, mesh: Mesh, abstract_state, compiler_options
+) -> Callable:
+    """`jax.pmap` of the same per-device step, wrapped to take and return global arrays.
+
+    `jax.pmap` takes no compiler options, so the step is lowered and compiled with
+    them on its first call (the state's and batch's shapes never change).
+    """
     num_devices = mesh.devices.size
     # Replicated fields are broadcast (in/out axis None); pools are mapped on their device axis.
     axes = jax.tree.map(lambda _: None, abstract_state)
@@ -103,7 +117,12 @@ def _launch_pmap(per_device_step: Callable, mesh: Mesh, abstract_state) -> Calla
         )
     )
 
+    compiled = []
+
     def step(state, batch):
-        return pmapped(state, split_batch(batch))
+        batch = split_batch(batch)
+        if not compiled:
+            compiled.append(pmapped.lower(state, batch).compile(compiler_options))
+        return compiled[0](state, batch)
 
     return step

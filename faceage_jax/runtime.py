@@ -4,6 +4,7 @@
 - `choose_xla_cpu_scheduler`: XLA:CPU's operation scheduler for the config's step.
 - `enable_compilation_cache`: the persistent XLA cache, so a restart skips compiling.
 - `release_freed_memory`: the compiler's freed memory back to the OS.
+- `cpu_info`: the host CPU's model and the instruction sets that set its speed.
 
 Huge pages. XLA:CPU allocates each execution's temporary buffer with `malloc`
 and frees it when the step ends. glibc serves an allocation that large with a
@@ -26,8 +27,10 @@ before JAX starts a backend.
 """
 
 import ctypes
+import dataclasses
 import logging as std_logging
 import os
+import platform
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
@@ -187,3 +190,40 @@ def run_app(main: Callable, define_flags: Callable[[], None]) -> None:
     define_flags()
     logging.get_absl_handler().addFilter(LibraryInfoFilter())
     app.run(main)
+
+
+# The x86 ISA extensions that decide how fast a CPU step can be: AVX-512 for
+# float32, AVX-512 BF16 and AMX for bfloat16 matrix products (/proc/cpuinfo names).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuInfo:
+    """The host CPU as `lscpu` names it, and which of `ISA_FLAGS` it has."""
+
+    model: str
+    cores: int
+    flags: frozenset[str]
+
+    def describe(self) -> str:
+        have = [flag for flag in ISA_FLAGS if flag in self.flags]
+        lack = [flag for flag in ISA_FLAGS if flag not in self.flags]
+        return f"{self.model} ({self.cores} cores); ISA: {' '.join(have) or '(none of them)'}" + (
+            f"; lacks {' '.join(lack)}" if lack else ""
+        )
+
+
+def cpu_info(cpuinfo: str | None = None) -> CpuInfo:
+    """Reads /proc/cpuinfo (or the text given); elsewhere falls back to `platform`."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as file:
+                cpuinfo = file.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    return CpuInfo(model, os.cpu_count() or 1, frozenset(fields.get("flags", "").split()))

@@ -63,7 +63,7 @@ def test_step_command_prints_every_figure():
     assert figure(output, "peak RSS") > 0.1
     # The CPU it ran on, and the step as executed beside the model's figures: on CPU in
     # float32 the residual convolutions run by Winograd, in fewer FLOPs than the model's.
-    cpu = bench.cpu_info()
+    cpu = runtime.cpu_info()
     assert f"cpu: {cpu.model} ({cpu.cores} cores); ISA: " in output
     executed = figure(output, "executed FLOPs/step")
     assert 0.5 * flops < executed < flops
@@ -89,14 +89,14 @@ flags		: fpu sse2 avx avx2 avx512f avx512dq avx512_bf16 avx512_fp16 amx_bf16 amx
 
 
 def test_the_cpu_line_names_the_model_and_the_isa_extensions_that_matter():
-    xeon = bench.cpu_info(SAPPHIRE_RAPIDS)
+    xeon = runtime.cpu_info(SAPPHIRE_RAPIDS)
     assert xeon.model == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
     assert xeon.describe().endswith("; ISA: avx2 avx512f avx512_bf16 avx512_fp16 amx_tile amx_bf16")
-    epyc = bench.cpu_info("model name\t: AMD EPYC\nflags\t: fpu avx2 avx512f avx512_bf16\n")
+    epyc = runtime.cpu_info("model name\t: AMD EPYC\nflags\t: fpu avx2 avx512f avx512_bf16\n")
     assert epyc.describe().endswith(
         "; ISA: avx2 avx512f avx512_bf16; lacks avx512_fp16 amx_tile amx_bf16"
     )
-    assert bench.cpu_info("").model  # Without /proc/cpuinfo: platform's name, never empty.
+    assert runtime.cpu_info("").model  # Without /proc/cpuinfo: platform's name, never empty.
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from faceage_jax import config_validation, cyclegan, train
+from faceage_jax import config_validation, cyclegan, runtime, train
 from input_pipeline import dataset, pipeline, synthetic
 from tests import helpers
 from tests.helpers import free_port, start_python
@@ -141,12 +141,18 @@ def test_the_schedule_is_logged_in_steps_and_kept_by_a_resumed_run(tmp_path, sha
     assert rates[5]["learning_rate"] == 0 and rates[6]["learning_rate"] == 0
 
 
-def test_bfloat16_on_a_cpu_is_warned_about(caplog):
+def test_bfloat16_on_a_cpu_without_bfloat16_instructions_is_warned_about(caplog):
     caplog.set_level(logging.WARNING)
-    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="float32"))
+    avx2 = runtime.CpuInfo("Old CPU", 2, frozenset({"avx2", "avx512f"}))
+    amx = runtime.CpuInfo("New CPU", 2, frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    zen4 = runtime.CpuInfo("Zen 4", 2, frozenset({"avx512f", "avx512_bf16"}))
+    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="float32"), avx2)
+    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="bfloat16"), amx)
+    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="bfloat16"), zen4)
     assert not caplog.records
-    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="bfloat16"))
-    assert "slower than in float32" in caplog.text and "--config.compute_dtype" in caplog.text
+    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="bfloat16"), avx2)
+    assert "Old CPU has neither" in caplog.text and "slower than in float32" in caplog.text
+    assert "--config.compute_dtype" in caplog.text
 
 
 class FailingSaves(RandomBatches):
