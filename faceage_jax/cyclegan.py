@@ -42,9 +42,10 @@ def use_winograd(config: ml_collections.ConfigDict) -> bool:
     'auto' picks it on CPU in float32, where XLA's convolutions run near the
     machine's peak and 4x fewer multiplications make the step faster. On GPUs and
     TPUs the convolution libraries are left to choose their own algorithms.
-    Measured on 2 cores, demo config: float32 Winograd 6.55 images/s against
-    direct 5.9 on an Intel Xeon with AMX (2026-12-06, before its transforms
-    became single fused operations, which made it ~10 % faster still).
+    Measured on 2 cores at 64px, ngf/ndf 32, 6 blocks, batch 4: float32 Winograd
+    6.55 images/s against direct 5.9 on an Intel Xeon with AMX (2026-12-06,
+    before its transforms became single fused operations, which made it ~10 %
+    faster still).
 
     In bfloat16 'auto' stays direct, for accuracy: Winograd F(4x4, 3x3) rounds
     its transformed tiles and kernels to bfloat16, and a generator (ngf 16, 3
@@ -52,7 +53,7 @@ def use_winograd(config: ml_collections.ConfigDict) -> bool:
     where direct convolutions differ by 0.024-0.028 (mean 0.004), the bound the
     tests hold being 0.05 (mean 0.01). With oneDNN's convolutions
     (`compiler_options`) it was faster on the Xeon: 10.6-11.1 images/s against
-    9.9-10.0 at the demo config, 0.83-0.84 against 0.52-0.57 at the default
+    9.9-10.0 at 64px (ngf/ndf 32), 0.83-0.84 against 0.52-0.57 at the default
     config, batch 1 (2026-12-07), before `layers.valid_conv` made the direct
     step 12.3 and 0.77.
     """
@@ -67,7 +68,7 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     By default XLA:CPU runs a bfloat16 convolution as a float32 one between
     conversions. `xla_cpu_experimental_onednn_custom_call` hands the forward and
     kernel-gradient convolutions to oneDNN's bfloat16 kernels instead (AMX or
-    AVX-512 BF16); the input gradients stay XLA's. Demo config, 2 cores, Intel
+    AVX-512 BF16); the input gradients stay XLA's. 64px, ngf/ndf 32, batch 4, 2 cores, Intel
     Xeon with AMX (2026-12-07): the bfloat16 step went from 5.9 to 9.6 images/s
     (direct residual convolutions) and 10.7 (Winograd). In float32 the option
     changes nothing (8.61 / 9.11 against 8.79 / 8.58 images/s), so it is left off.
