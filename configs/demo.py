@@ -26,14 +26,14 @@ Why each value differs from the default (configs/default.py):
   cycle L1 0.160 vs 0.160 after 1200 steps at ngf/ndf 32, uniform backdrops) at
   only ~2x the steps/s.
 - batch 4: 4 images per step use the two cores better than 1; batch 1 for 4x the
-  steps learned no faster per image (after 640 steps of batch 1: border 21.9,
-  cycle L1 0.231; after 160 of batch 4: 20.2, 0.238).
+  steps learned no faster per image (ngf/ndf 32, after 640 steps of batch 1:
+  border 21.9, cycle L1 0.231; after 160 of batch 4: 20.2, 0.238).
 - six epochs (3 + 3) instead of 100 + 100: the time budget (`make demo` ~6
   minutes). Eight (1,280 steps) made it ~6.5 minutes without the venv, for
   border 14.9 / 16.3 and cycle L1 0.114 / 0.104. Longer is cleaner (README,
   "The demo's budget").
-- the learning rate stays 2e-4: 1e-3 over 320 steps was worse (border 28.4
-  against 25.3, uniform backdrops), 5e-4 about the same (border 17.7 against
+- the learning rate stays 2e-4: 1e-3 over 320 steps (ngf/ndf 32) was worse
+  (border 28.4 against 25.3, uniform backdrops), 5e-4 about the same (border 17.7 against
   18.7, cycle L1 0.141 against 0.152, one seed). The identity loss stays the
   reference's 0.5: 1.0 and 2.0 (320 steps, ngf/ndf 32) moved the border to 18.8
   / 18.5 and 18.0 / 18.3, the cycle L1 to 0.149 / 0.151 and 0.138 / 0.148.
@@ -58,7 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.n_res_blocks = 6
 
     config.batch_size = 4
-    # Three epochs (the ~630 old training faces / 4: ~160 steps each) at 2e-4, three decaying to 0.
+    # Three epochs (160 steps each: the larger domain's training faces / 4) at 2e-4, three
+    # decaying to 0.
     config.num_epochs = 3
     config.num_decay_epochs = 3
     config.num_train_steps = -1

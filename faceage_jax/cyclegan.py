@@ -68,8 +68,9 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     By default XLA:CPU runs a bfloat16 convolution as a float32 one between
     conversions. `xla_cpu_experimental_onednn_custom_call` hands the forward and
     kernel-gradient convolutions to oneDNN's bfloat16 kernels instead (AMX or
-    AVX-512 BF16); the input gradients stay XLA's. 64px, ngf/ndf 32, batch 4, 2 cores, Intel
-    Xeon with AMX (2026-12-07): the bfloat16 step went from 5.9 to 9.6 images/s
+    AVX-512 BF16), and most input gradients too, in the form `layers.valid_conv`
+    gives them. 64px, ngf/ndf 32, batch 4, 2 cores, Intel Xeon with AMX
+    (2026-12-07): before `valid_conv` the bfloat16 step went from 5.9 to 9.6 images/s
     (direct residual convolutions) and 10.7 (Winograd). In float32 the option
     changes nothing (8.61 / 9.11 against 8.79 / 8.58 images/s), so it is left off.
     """

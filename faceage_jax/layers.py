@@ -113,7 +113,7 @@ def downsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     matrix product of the strided input patches and the output gradient. In the
     step the autodiff gradients of the default config's first downsampling layer
     took 170 ms of 2.0 s (Intel Xeon, 2026-12-06); the default step at batch 1
-    ran 3 % faster this way, the demo's (64px) as fast (README, "Benchmarks").
+    ran 3 % faster this way, the one at 64px (ngf/ndf 32) as fast (README, "Benchmarks").
     """
     return _conv(x, kernel, (2, 2), PAD_1)
 
@@ -208,7 +208,7 @@ def narrow_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     form. Here both gradients are matrix products with the output gradient's
     patches `[B * H * W, kh * kw * features]` (small, as the features are few):
     the input gradient by the kernel, the kernel gradient by the input. The
-    default step at batch 1 ran 9 % faster this way, the demo's 2 % (README,
+    default step at batch 1 ran 9 % faster this way, the 64px one (ngf/ndf 32) 2 % (README,
     "Benchmarks").
     """
     return _conv(x, kernel)

@@ -60,7 +60,9 @@ def main(argv):
     from faceage_jax import cyclegan, train
 
     if cyclegan.compiler_options(config):
-        # Writing the step with oneDNN calls to the cache fails (std::bad_alloc, jax 0.12).
+        # Writing the step with oneDNN calls to the cache fails (std::bad_alloc, jax 0.12);
+        # off even where JAX_COMPILATION_CACHE_DIR names one.
+        jax.config.update("jax_enable_compilation_cache", False)
         logging.info(
             "No persistent compilation cache: the bfloat16 step on a CPU calls oneDNN, "
             "which XLA fails to save; a restarted run compiles again."

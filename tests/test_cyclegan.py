@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from faceage_jax import cyclegan, parallel
+from faceage_jax import cyclegan, parallel, runtime
 from faceage_jax import defaults as default_config
 from tests.helpers import abstract_params, count_params, make_config
 
@@ -310,7 +310,7 @@ def test_learning_rate_is_constant_then_decays_linearly_to_zero():
 @pytest.mark.parametrize(
     "epochs, steps, expected",
     [
-        ((1, 1), 600, (300, 300)),  # The demo's proportions over 600 steps.
+        ((1, 1), 600, (300, 300)),  # Equal epochs, as the demo's, over 600 steps.
         ((100, 100), 1000, (500, 500)),
         ((3, 1), 600, (450, 150)),
         ((0, 1), 50, (0, 50)),
@@ -328,7 +328,7 @@ def test_num_train_steps_spans_the_schedule_in_the_epochs_proportions(epochs, st
 
 
 def test_a_600_step_run_is_not_left_at_learning_rate_zero():
-    # The demo config at 600 steps, with 58 steps per epoch: before, 117 steps trained.
+    # The demo config of then (1 + 1 epochs) at 600 steps, 58 steps per epoch: 117 steps trained.
     config = make_config(learning_rate=2e-4, num_epochs=1, num_decay_epochs=1, num_train_steps=600)
     schedule = cyclegan.create_schedule(config, steps_per_epoch=58)
     learning_rate_fn = cyclegan.create_learning_rate_fn(config, schedule)
@@ -372,6 +372,10 @@ def test_bfloat16_step_tracks_the_float32_step():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not runtime.cpu_info().flags & {"avx512f", "amx_bf16"},
+    reason="XLA hands bfloat16 convolutions to oneDNN only on CPUs with AVX-512 or AMX",
+)
 def test_bfloat16_step_on_a_cpu_runs_onednn_convolutions():
     mesh, init, step = build_step((("compute_dtype", "bfloat16"),), 4)
     state = init(jax.random.key(0))
