@@ -100,6 +100,15 @@ def _conv(inputs: jax.Array, kernel: jax.Array, strides=(1, 1), padding: Any = "
     )
 
 
+def _keeping_inputs(conv):
+    """The forward pass of a convolution's custom VJP: its result, keeping `x` and `kernel`."""
+
+    def forward(x, kernel):
+        return conv(x, kernel), (x, kernel)
+
+    return forward
+
+
 @jax.custom_vjp
 def downsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`_conv(x, kernel, (2, 2), PAD_1)` for a 3x3 kernel, with a backward pass made of matmuls.
@@ -116,10 +125,6 @@ def downsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     ran 3 % faster this way, the one at 64px (ngf/ndf 32) as fast (README, "Benchmarks").
     """
     return _conv(x, kernel, (2, 2), PAD_1)
-
-
-def _downsample_conv3x3_forward(x, kernel):
-    return downsample_conv3x3(x, kernel), (x, kernel)
 
 
 def _patches(x: jax.Array, kernel_size, out_size, stride: int = 1) -> jax.Array:
@@ -153,14 +158,11 @@ def valid_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     numbers. In float32 both run as fast, with identical results; in bfloat16
     on oneDNN (`cyclegan.compiler_options`), this form ran 1.9x (3x3, 128
     features, 16x16, batch 4), 1.7x (3x3, 256 features, 32x32, batch 1) and
-    2.6x (7x7, 3 to 32 features, 64x64, batch 4) faster per layer, forward and
-    backward (Intel Xeon with AMX, 2026-12-07). The kernel gradient is autodiff's.
+    2.6x (7x7, 3 to 32 features, 64x64, batch 4: the input layer, since run as
+    `narrow_input_conv`) faster per layer, forward and backward (Intel Xeon with
+    AMX, 2026-12-07). The kernel gradient is autodiff's.
     """
     return _conv(x, kernel)
-
-
-def _valid_conv_forward(x, kernel):
-    return valid_conv(x, kernel), (x, kernel)
 
 
 def _valid_conv_backward(residuals, grad):
@@ -172,7 +174,7 @@ def _valid_conv_backward(residuals, grad):
     return x_grad, kernel_grad
 
 
-valid_conv.defvjp(_valid_conv_forward, _valid_conv_backward)
+valid_conv.defvjp(_keeping_inputs(valid_conv), _valid_conv_backward)
 
 
 def _downsample_conv3x3_backward(residuals, grad):
@@ -192,52 +194,125 @@ def _downsample_conv3x3_backward(residuals, grad):
     return x_grad, kernel_grad
 
 
-downsample_conv3x3.defvjp(_downsample_conv3x3_forward, _downsample_conv3x3_backward)
+downsample_conv3x3.defvjp(_keeping_inputs(downsample_conv3x3), _downsample_conv3x3_backward)
 
 
-# Up to this many output features a stride-1 convolution runs as `narrow_conv`.
+# Up to this many output features a stride-1 'VALID' convolution runs as
+# `narrow_conv`, up to this many input features as `narrow_input_conv`.
 NARROW_FEATURES = 4
+
+
+def _tap_planes(x: jax.Array, kernel_size, out_size) -> jax.Array:
+    """`[B, H, W, C] -> [C * kh * kw, B * oh * ow]`: per channel and tap, what each output sees.
+
+    Row (c, i, j) holds channel c of the inputs at offset (i, j) from every output
+    of a stride-1 convolution: the transposed patches of a narrow tensor, built
+    from contiguous runs of the image's rows rather than from C-element pieces
+    (the `_patches` form, which XLA:CPU concatenates far slower).
+    """
+    (kernel_height, kernel_width), (out_height, out_width) = kernel_size, out_size
+    planes = jnp.transpose(x, (3, 0, 1, 2))
+    rows = jnp.stack(
+        [
+            planes[:, :, i : i + out_height, j : j + out_width]
+            for i in range(kernel_height)
+            for j in range(kernel_width)
+        ],
+        axis=1,
+    )
+    return rows.reshape(x.shape[-1] * kernel_height * kernel_width, -1)
+
+
+def _few_features_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`_conv(x, kernel)` (stride 1, 'VALID') to few features: one matmul, then shifted sums.
+
+    Every input pixel is multiplied by all taps of the kernel at once (`[B * H * W,
+    C] x [C, kw * kh * features]`), and each output sums its taps' products from
+    the pixels it sees: first along the rows, then the columns. XLA:CPU runs a
+    convolution to 3 features far below its matmul speed.
+    """
+    kernel_height, kernel_width, channels, features = kernel.shape
+    batch, height, width, _ = x.shape
+    out_height, out_width = height - kernel_height + 1, width - kernel_width + 1
+    taps = jnp.transpose(kernel, (2, 1, 0, 3)).reshape(channels, -1)  # Columns (j, i, f).
+    products = (x.reshape(-1, channels) @ taps).reshape(
+        batch, height, width, kernel_width, kernel_height * features
+    )
+    rows = sum(products[:, :, j : j + out_width, j] for j in range(kernel_width))
+    rows = rows.reshape(batch, height, out_width, kernel_height, features)
+    return sum(rows[:, i : i + out_height, :, i] for i in range(kernel_height))
+
+
+def _full_padding(grad: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The output gradient zero-padded by the kernel's size less one on every side."""
+    kernel_height, kernel_width = kernel.shape[:2]
+    return jnp.pad(grad, ((0, 0), (kernel_height - 1,) * 2, (kernel_width - 1,) * 2, (0, 0)))
 
 
 @jax.custom_vjp
 def narrow_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`_conv(x, kernel)` (stride 1, 'VALID') for a kernel with few output features.
 
-    The generator's last layer (7x7, to 3 colours): XLA:CPU computes its kernel
-    gradient as a convolution whose window is the whole image, its slowest
-    form. Here both gradients are matrix products with the output gradient's
-    patches `[B * H * W, kh * kw * features]` (small, as the features are few):
-    the input gradient by the kernel, the kernel gradient by the input. The
-    default step at batch 1 ran 9 % faster this way, the 64px one (ngf/ndf 32) 2 % (README,
-    "Benchmarks").
+    The generator's last layer (7x7, to 3 colours). The forward pass is
+    `_few_features_conv`. XLA:CPU computes the kernel gradient as a convolution
+    whose window is the whole image, its slowest form; here both gradients are
+    matrix products with the output gradient's tap planes (`_tap_planes` of
+    the padded output gradient, `[kh * kw * features, B * H * W]`, small as the
+    features are few): the input gradient with the flipped kernel, the kernel
+    gradient with the input. Together with `narrow_input_conv` the float32 step
+    ran ~5 % faster at 64px (ngf/ndf 32, batch 4) and ~7 % at the default config's
+    batch 1, bfloat16 ~8 % at the default (README, "Benchmarks").
     """
-    return _conv(x, kernel)
-
-
-def _narrow_conv_forward(x, kernel):
-    return narrow_conv(x, kernel), (x, kernel)
+    return _few_features_conv(x, kernel)
 
 
 def _narrow_conv_backward(residuals, grad):
     x, kernel = residuals
     kernel_height, kernel_width, channels, features = kernel.shape
-    _, height, width, _ = x.shape
-    # The input gradient is the output gradient, zero-padded by the kernel's size
-    # less one, convolved with the flipped kernel: its patches are the few-feature side.
-    padded = jnp.pad(grad, ((0, 0), (kernel_height - 1,) * 2, (kernel_width - 1,) * 2, (0, 0)))
-    patches = _patches(padded, (kernel_height, kernel_width), (height, width))
-    # Each product's operands materialized in the layout XLA:CPU multiplies fastest
-    # (see `winograd._tile_products`): barriers keep XLA from folding them back.
-    patches = lax.optimization_barrier(patches)
-    flipped = lax.optimization_barrier(_flipped(kernel).reshape(-1, channels))
-    x_grad = (patches @ flipped).reshape(x.shape)
-    x_t = lax.optimization_barrier(x.reshape(-1, channels).T)
-    # Patch tap (a, b) is kernel tap (kh - 1 - a, kw - 1 - b).
-    kernel_grad = (x_t @ patches).reshape(channels, kernel_height, kernel_width, features)
-    return x_grad, jnp.transpose(kernel_grad[:, ::-1, ::-1], (1, 2, 0, 3))
+    # The input gradient is the padded output gradient convolved with the flipped
+    # kernel; rows (f, i, j) of its planes meet the flipped kernel's taps (i, j).
+    planes = _tap_planes(_full_padding(grad, kernel), (kernel_height, kernel_width), x.shape[1:3])
+    # Operands materialized in the layout XLA:CPU multiplies fastest (see
+    # `winograd._tile_products`): barriers keep XLA from folding them back.
+    planes = lax.optimization_barrier(planes)
+    flipped = jnp.transpose(_flipped(kernel), (2, 0, 1, 3)).reshape(-1, channels)
+    x_grad = (lax.optimization_barrier(flipped.T) @ planes).T.reshape(x.shape)
+    kernel_grad = (planes @ x.reshape(-1, channels)).reshape(
+        features, kernel_height, kernel_width, channels
+    )
+    # Plane tap (i, j) is kernel tap (kh - 1 - i, kw - 1 - j).
+    return x_grad, jnp.transpose(kernel_grad[:, ::-1, ::-1], (1, 2, 3, 0))
 
 
-narrow_conv.defvjp(_narrow_conv_forward, _narrow_conv_backward)
+narrow_conv.defvjp(_keeping_inputs(narrow_conv), _narrow_conv_backward)
+
+
+@jax.custom_vjp
+def narrow_input_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`_conv(x, kernel)` (stride 1, 'VALID') for an input with few features.
+
+    The generator's first layer (7x7, from 3 colours). Its gradients are those
+    of `narrow_conv` with the roles exchanged: the input gradient is a
+    convolution to few features (`_few_features_conv` of the padded output
+    gradient with the flipped kernel), the kernel gradient one matrix product of
+    the input's tap planes and the output gradient, where XLA:CPU ran a
+    whole-window convolution. Measured with `narrow_conv` (see there).
+    """
+    return _conv(x, kernel)
+
+
+def _narrow_input_conv_backward(residuals, grad):
+    x, kernel = residuals
+    kernel_height, kernel_width, channels, features = kernel.shape
+    x_grad = _few_features_conv(_full_padding(grad, kernel), _flipped(kernel))
+    planes = _tap_planes(x, (kernel_height, kernel_width), grad.shape[1:3])
+    kernel_grad = (lax.optimization_barrier(planes) @ grad.reshape(-1, features)).reshape(
+        channels, kernel_height, kernel_width, features
+    )
+    return x_grad, jnp.transpose(kernel_grad, (1, 2, 0, 3))
+
+
+narrow_input_conv.defvjp(_keeping_inputs(narrow_input_conv), _narrow_input_conv_backward)
 
 
 class Conv(nn.Module):
@@ -248,8 +323,9 @@ class Conv(nn.Module):
     (see `_apply_layer`). With `winograd` (3x3, stride 1, 'VALID' only) the
     convolution runs as `winograd_conv3x3`; a 3x3 stride-2 one padded by
     `PAD_1` (the generator's downsampling) as `downsample_conv3x3`; a stride-1
-    'VALID' one to at most `NARROW_FEATURES` features as `narrow_conv`, any other
-    stride-1 'VALID' one as `valid_conv`.
+    'VALID' one to at most `NARROW_FEATURES` features as `narrow_conv`, one from
+    at most that many as `narrow_input_conv`, any other stride-1 'VALID' one as
+    `valid_conv`.
     """
 
     features: int
@@ -284,6 +360,8 @@ class Conv(nn.Module):
             if shape[1:] == ((1, 1), "VALID"):
                 if self.features <= NARROW_FEATURES:
                     return narrow_conv(inputs, kernel)
+                if inputs.shape[-1] <= NARROW_FEATURES:
+                    return narrow_input_conv(inputs, kernel)
                 return valid_conv(inputs, kernel)
             return _conv(inputs, kernel, self.strides, self.padding)
 

@@ -118,9 +118,12 @@ def test_instance_norm_equals_flax_instance_norm_with_gradients(dtype):
         # narrow_conv: the generator's RGB output layer, and an unequal kernel.
         ((2, 14, 12, 8), dict(features=3, kernel_size=(7, 7), padding="VALID"), True),
         ((1, 9, 11, 5), dict(features=1, kernel_size=(3, 5), padding="VALID"), False),
+        # narrow_input_conv: the generator's RGB input layer, and an unequal kernel.
+        ((2, 14, 12, 3), dict(features=8, kernel_size=(7, 7), padding="VALID"), False),
+        ((1, 13, 10, 3), dict(features=5, kernel_size=(7, 5), padding="VALID"), False),
         # valid_conv: any other stride-1 'VALID' convolution (odd sizes, unequal kernel).
         ((2, 11, 9, 6), dict(features=8, kernel_size=(3, 3), padding="VALID"), True),
-        ((1, 13, 10, 3), dict(features=5, kernel_size=(7, 5), padding="VALID"), False),
+        ((1, 13, 10, 6), dict(features=5, kernel_size=(7, 5), padding="VALID"), False),
     ],
 )
 def test_convs_with_hand_written_gradients_equal_flax_conv(shape, layer, relu_input):
