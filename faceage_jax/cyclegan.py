@@ -63,19 +63,23 @@ def use_winograd(config: ml_collections.ConfigDict) -> bool:
 
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """XLA options for compiling the training step: oneDNN's convolutions in bfloat16 on CPU.
+    """XLA options for compiling the training step: none at present.
 
-    By default XLA:CPU runs a bfloat16 convolution as a float32 one between
-    conversions. `xla_cpu_experimental_onednn_custom_call` hands the forward and
-    kernel-gradient convolutions to oneDNN's bfloat16 kernels instead (AMX or
-    AVX-512 BF16), and most input gradients too, in the form `layers.valid_conv`
-    gives them. 64px, ngf/ndf 32, batch 4, 2 cores, Intel Xeon with AMX
-    (2026-12-07): before `valid_conv` the bfloat16 step went from 5.9 to 9.6 images/s
-    (direct residual convolutions) and 10.7 (Winograd). In float32 the option
-    changes nothing (8.61 / 9.11 against 8.79 / 8.58 images/s), so it is left off.
+    XLA:CPU runs a bfloat16 convolution as a float32 one between conversions.
+    `xla_cpu_experimental_onednn_custom_call` hands them to oneDNN's bfloat16
+    kernels instead (AMX or AVX-512 BF16), which made the bfloat16 step 1.3x
+    faster than float32 on an Intel Xeon with AMX (64px, ngf/ndf 32, batch 4:
+    5.9 to 12.3 images/s with `layers.valid_conv`; README, "Benchmarks"). It is
+    off because that step gives intermittent non-finite results: on the same
+    Xeon (2026-12-07) the benchmark's step (fixed batch, learning rate 0 from
+    step 7, so fixed parameters) first gave NaN losses, the cycle losses among
+    them, at step 99 of 150, and in about one in eight 12-step benchmark runs;
+    without the option none in 150 steps. Same parameters and inputs, different
+    results: a fault in that path, not bfloat16's range. Training would stop
+    with `NonFiniteLossError`. Returning the option here turns it back on (the
+    launchers pass these options to XLA).
     """
-    if jax.default_backend() == "cpu" and config.compute_dtype == "bfloat16":
-        return {"xla_cpu_experimental_onednn_custom_call": True}
+    del config
     return {}
 
 

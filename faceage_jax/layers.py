@@ -229,18 +229,23 @@ def _few_features_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Every input pixel is multiplied by all taps of the kernel at once (`[B * H * W,
     C] x [C, kw * kh * features]`), and each output sums its taps' products from
     the pixels it sees: first along the rows, then the columns. XLA:CPU runs a
-    convolution to 3 features far below its matmul speed.
+    convolution to 3 features far below its matmul speed. The products and sums
+    are float32 whatever the inputs' dtype (summed in bfloat16, the 49 taps of a
+    7x7 kernel were ~3x further from float32 than a bfloat16 convolution); the
+    result has the inputs' dtype. The products are a transient `[B, H, W, kh *
+    kw * features]` float32 tensor: 147 values per pixel for a 7x7 kernel to 3
+    features (~85 MB at batch 8 of 134x134, the default config's padded output
+    layer).
     """
     kernel_height, kernel_width, channels, features = kernel.shape
     batch, height, width, _ = x.shape
     out_height, out_width = height - kernel_height + 1, width - kernel_width + 1
     taps = jnp.transpose(kernel, (2, 1, 0, 3)).reshape(channels, -1)  # Columns (j, i, f).
-    products = (x.reshape(-1, channels) @ taps).reshape(
-        batch, height, width, kernel_width, kernel_height * features
-    )
+    products = jnp.matmul(x.reshape(-1, channels), taps, preferred_element_type=jnp.float32)
+    products = products.reshape(batch, height, width, kernel_width, kernel_height * features)
     rows = sum(products[:, :, j : j + out_width, j] for j in range(kernel_width))
     rows = rows.reshape(batch, height, out_width, kernel_height, features)
-    return sum(rows[:, i : i + out_height, :, i] for i in range(kernel_height))
+    return sum(rows[:, i : i + out_height, :, i] for i in range(kernel_height)).astype(x.dtype)
 
 
 def _full_padding(grad: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -257,7 +262,7 @@ def narrow_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     `_few_features_conv`. XLA:CPU computes the kernel gradient as a convolution
     whose window is the whole image, its slowest form; here both gradients are
     matrix products with the output gradient's tap planes (`_tap_planes` of
-    the padded output gradient, `[kh * kw * features, B * H * W]`, small as the
+    the padded output gradient, `[features * kh * kw, B * H * W]`, small as the
     features are few): the input gradient with the flipped kernel, the kernel
     gradient with the input. Together with `narrow_input_conv` the float32 step
     ran ~5 % faster at 64px (ngf/ndf 32, batch 4) and ~7 % at the default config's

@@ -58,24 +58,21 @@ def run_schedule(config, workdir, steps_per_epoch: int, resuming: bool) -> cycle
 
 
 def warn_if_bfloat16_on_cpu(config, cpu: runtime.CpuInfo | None = None) -> None:
-    """Warns when `compute_dtype='bfloat16'` has no bfloat16 instructions on this CPU.
+    """Warns that `compute_dtype='bfloat16'` makes the step slower on a CPU.
 
-    With AMX, oneDNN's bfloat16 convolutions (`cyclegan.compiler_options`) made
-    the step faster than in float32 on an Intel Xeon (README, "Benchmarks");
-    AVX-512 BF16 alone is not measured yet. Without either, bfloat16 arithmetic
-    goes through float32 and conversions, and cannot beat float32.
+    XLA:CPU computes bfloat16 convolutions in float32 between conversions, so
+    bfloat16 cannot beat float32 there, with AMX or AVX-512 BF16 or without
+    (oneDNN's bfloat16 kernels are off: `cyclegan.compiler_options`).
     """
     if config.compute_dtype != "bfloat16" or jax.default_backend() != "cpu":
         return
     cpu = cpu or runtime.cpu_info()
-    if not cpu.flags & {"avx512_bf16", "amx_bf16"}:
-        logging.warning(
-            "compute_dtype='bfloat16' on a CPU without bfloat16 instructions (%s has neither "
-            "AVX-512 BF16 nor AMX): bfloat16 arithmetic goes through float32 and conversions "
-            "there, so the step is slower than in float32 (README, 'Benchmarks'). Drop "
-            "--config.compute_dtype to train in float32.",
-            cpu.model,
-        )
+    logging.warning(
+        "compute_dtype='bfloat16' on a CPU (%s): XLA computes bfloat16 convolutions in "
+        "float32 between conversions there, so the step is slower than in float32 (README, "
+        "'Benchmarks'). Drop --config.compute_dtype to train in float32.",
+        cpu.model,
+    )
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from faceage_jax import cyclegan, parallel, runtime
+from faceage_jax import cyclegan, parallel
 from faceage_jax import defaults as default_config
 from tests.helpers import abstract_params, count_params, make_config
 
@@ -372,15 +372,12 @@ def test_bfloat16_step_tracks_the_float32_step():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not runtime.cpu_info().flags & {"avx512f", "amx_bf16"},
-    reason="XLA hands bfloat16 convolutions to oneDNN only on CPUs with AVX-512 or AMX",
-)
-def test_bfloat16_step_on_a_cpu_runs_onednn_convolutions():
+def test_bfloat16_step_on_a_cpu_calls_no_onednn():
+    # oneDNN's bfloat16 convolutions gave intermittent NaNs (cyclegan.compiler_options).
     mesh, init, step = build_step((("compute_dtype", "bfloat16"),), 4)
     state = init(jax.random.key(0))
     compiled = step.lower(state, parallel.global_batch(mesh, make_batch())).compile()
-    assert "__onednn$convolution" in compiled.as_text()
+    assert "onednn" not in compiled.as_text()
 
 
 @pytest.mark.slow

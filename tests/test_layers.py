@@ -101,7 +101,7 @@ def test_instance_norm_equals_flax_instance_norm_with_gradients(dtype):
 
 
 @pytest.mark.parametrize(
-    ("shape", "layer", "relu_input"),
+    ("shape", "layer", "relu_input", "route"),
     [
         # downsample_conv3x3: odd, unequal height and width (the last row and
         # column's taps), then even sizes fed relu(x), as in the generator.
@@ -109,24 +109,60 @@ def test_instance_norm_equals_flax_instance_norm_with_gradients(dtype):
             (2, 9, 7, 5),
             dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding=layers.PAD_1),
             False,
+            "downsample_conv3x3",
         ),
         (
             (2, 16, 12, 8),
             dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding=layers.PAD_1),
             True,
+            "downsample_conv3x3",
         ),
-        # narrow_conv: the generator's RGB output layer, and an unequal kernel.
-        ((2, 14, 12, 8), dict(features=3, kernel_size=(7, 7), padding="VALID"), True),
-        ((1, 9, 11, 5), dict(features=1, kernel_size=(3, 5), padding="VALID"), False),
-        # narrow_input_conv: the generator's RGB input layer, and an unequal kernel.
-        ((2, 14, 12, 3), dict(features=8, kernel_size=(7, 7), padding="VALID"), False),
-        ((1, 13, 10, 3), dict(features=5, kernel_size=(7, 5), padding="VALID"), False),
+        # narrow_conv: the generator's RGB output layer, an unequal kernel, few
+        # features on both sides, and a 1x1 output.
+        (
+            (2, 14, 12, 8),
+            dict(features=3, kernel_size=(7, 7), padding="VALID"),
+            True,
+            "narrow_conv",
+        ),
+        (
+            (1, 9, 11, 5),
+            dict(features=1, kernel_size=(3, 5), padding="VALID"),
+            False,
+            "narrow_conv",
+        ),
+        ((2, 9, 8, 3), dict(features=2, kernel_size=(3, 3), padding="VALID"), False, "narrow_conv"),
+        ((1, 5, 4, 6), dict(features=3, kernel_size=(5, 4), padding="VALID"), False, "narrow_conv"),
+        # narrow_input_conv: the generator's RGB input layer, an unequal kernel, a 1x1 kernel.
+        (
+            (2, 14, 12, 3),
+            dict(features=8, kernel_size=(7, 7), padding="VALID"),
+            False,
+            "narrow_input_conv",
+        ),
+        (
+            (1, 13, 10, 3),
+            dict(features=5, kernel_size=(7, 5), padding="VALID"),
+            False,
+            "narrow_input_conv",
+        ),
+        (
+            (2, 6, 5, 2),
+            dict(features=6, kernel_size=(1, 1), padding="VALID"),
+            True,
+            "narrow_input_conv",
+        ),
         # valid_conv: any other stride-1 'VALID' convolution (odd sizes, unequal kernel).
-        ((2, 11, 9, 6), dict(features=8, kernel_size=(3, 3), padding="VALID"), True),
-        ((1, 13, 10, 6), dict(features=5, kernel_size=(7, 5), padding="VALID"), False),
+        ((2, 11, 9, 6), dict(features=8, kernel_size=(3, 3), padding="VALID"), True, "valid_conv"),
+        (
+            (1, 13, 10, 6),
+            dict(features=5, kernel_size=(7, 5), padding="VALID"),
+            False,
+            "valid_conv",
+        ),
     ],
 )
-def test_convs_with_hand_written_gradients_equal_flax_conv(shape, layer, relu_input):
+def test_convs_with_hand_written_gradients_equal_flax_conv(shape, layer, relu_input, route):
     # layers.Conv runs these through custom VJPs: held to autodiff of Flax's nn.Conv.
     inputs = jax.random.normal(jax.random.key(1), shape)
     straightforward = nn.Conv(**layer, kernel_init=layers.KERNEL_INIT)
@@ -141,6 +177,36 @@ def test_convs_with_hand_written_gradients_equal_flax_conv(shape, layer, relu_in
     expected = (expected_output, *pullback(cotangent))
     actual = value_and_gradients(fast, params, inputs, cotangent)
     assert_equal_up_to_float32_rounding(actual, expected)
+    # The case runs the custom VJP it is there for.
+    assert f"name={route}" in str(jax.make_jaxpr(fast.apply)(params, inputs))
+
+
+@pytest.mark.parametrize(
+    ("shape", "features"), [((2, 22, 20, 16), 3), ((2, 22, 20, 3), 16)], ids=["to_rgb", "from_rgb"]
+)
+def test_bfloat16_narrow_convs_are_as_accurate_as_a_bfloat16_conv(shape, features):
+    # The RGB layers' shifted sums of 49 taps: as close to float32 as Flax's bfloat16 conv.
+    inputs = jax.random.normal(jax.random.key(1), shape)
+    layer = dict(features=features, kernel_size=(7, 7), padding="VALID")
+    straightforward = nn.Conv(**layer, kernel_init=layers.KERNEL_INIT)
+    params = perturbed(straightforward.init(jax.random.key(0), inputs))
+    cotangent = jax.random.normal(jax.random.key(2), straightforward.apply(params, inputs).shape)
+    exact = value_and_gradients(straightforward, params, inputs, cotangent)
+    flax_bf16 = value_and_gradients(
+        nn.Conv(**layer, dtype=jnp.bfloat16), params, inputs, cotangent.astype(jnp.bfloat16)
+    )
+    ours = value_and_gradients(
+        layers.Conv(**layer, dtype=jnp.bfloat16), params, inputs, cotangent.astype(jnp.bfloat16)
+    )
+    for name, want, flax_got, got in zip(
+        ("output", "parameter gradients", "input gradients"), exact, flax_bf16, ours, strict=True
+    ):
+        want, flax_got, got = (
+            np.concatenate([np.asarray(leaf, np.float32).ravel() for leaf in jax.tree.leaves(t)])
+            for t in (want, flax_got, got)
+        )
+        flax_error, error = np.abs(flax_got - want).mean(), np.abs(got - want).mean()
+        assert error <= 1.5 * flax_error, (name, error, flax_error)
 
 
 def test_winograd_conv_refuses_what_it_cannot_compute():
