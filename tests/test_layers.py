@@ -100,66 +100,33 @@ def test_instance_norm_equals_flax_instance_norm_with_gradients(dtype):
     )
 
 
+DOWNSAMPLE = dict(kernel_size=(3, 3), strides=(2, 2), padding=layers.PAD_1)
+
+
+def valid(features, kernel_size):
+    return dict(features=features, kernel_size=kernel_size, padding="VALID")
+
+
 @pytest.mark.parametrize(
     ("shape", "layer", "relu_input", "route"),
     [
         # downsample_conv3x3: odd, unequal height and width (the last row and
         # column's taps), then even sizes fed relu(x), as in the generator.
-        (
-            (2, 9, 7, 5),
-            dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding=layers.PAD_1),
-            False,
-            "downsample_conv3x3",
-        ),
-        (
-            (2, 16, 12, 8),
-            dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding=layers.PAD_1),
-            True,
-            "downsample_conv3x3",
-        ),
+        ((2, 9, 7, 5), dict(features=6, **DOWNSAMPLE), False, "downsample_conv3x3"),
+        ((2, 16, 12, 8), dict(features=6, **DOWNSAMPLE), True, "downsample_conv3x3"),
         # narrow_conv: the generator's RGB output layer, an unequal kernel, few
         # features on both sides, and a 1x1 output.
-        (
-            (2, 14, 12, 8),
-            dict(features=3, kernel_size=(7, 7), padding="VALID"),
-            True,
-            "narrow_conv",
-        ),
-        (
-            (1, 9, 11, 5),
-            dict(features=1, kernel_size=(3, 5), padding="VALID"),
-            False,
-            "narrow_conv",
-        ),
-        ((2, 9, 8, 3), dict(features=2, kernel_size=(3, 3), padding="VALID"), False, "narrow_conv"),
-        ((1, 5, 4, 6), dict(features=3, kernel_size=(5, 4), padding="VALID"), False, "narrow_conv"),
+        ((2, 14, 12, 8), valid(3, (7, 7)), True, "narrow_conv"),
+        ((1, 9, 11, 5), valid(1, (3, 5)), False, "narrow_conv"),
+        ((2, 9, 8, 3), valid(2, (3, 3)), False, "narrow_conv"),
+        ((1, 5, 4, 6), valid(3, (5, 4)), False, "narrow_conv"),
         # narrow_input_conv: the generator's RGB input layer, an unequal kernel, a 1x1 kernel.
-        (
-            (2, 14, 12, 3),
-            dict(features=8, kernel_size=(7, 7), padding="VALID"),
-            False,
-            "narrow_input_conv",
-        ),
-        (
-            (1, 13, 10, 3),
-            dict(features=5, kernel_size=(7, 5), padding="VALID"),
-            False,
-            "narrow_input_conv",
-        ),
-        (
-            (2, 6, 5, 2),
-            dict(features=6, kernel_size=(1, 1), padding="VALID"),
-            True,
-            "narrow_input_conv",
-        ),
+        ((2, 14, 12, 3), valid(8, (7, 7)), False, "narrow_input_conv"),
+        ((1, 13, 10, 3), valid(5, (7, 5)), False, "narrow_input_conv"),
+        ((2, 6, 5, 2), valid(6, (1, 1)), True, "narrow_input_conv"),
         # valid_conv: any other stride-1 'VALID' convolution (odd sizes, unequal kernel).
-        ((2, 11, 9, 6), dict(features=8, kernel_size=(3, 3), padding="VALID"), True, "valid_conv"),
-        (
-            (1, 13, 10, 6),
-            dict(features=5, kernel_size=(7, 5), padding="VALID"),
-            False,
-            "valid_conv",
-        ),
+        ((2, 11, 9, 6), valid(8, (3, 3)), True, "valid_conv"),
+        ((1, 13, 10, 6), valid(5, (7, 5)), False, "valid_conv"),
     ],
 )
 def test_convs_with_hand_written_gradients_equal_flax_conv(shape, layer, relu_input, route):
