@@ -160,7 +160,8 @@ def valid_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     features, 16x16, batch 4), 1.7x (3x3, 256 features, 32x32, batch 1) and
     2.6x (7x7, 3 to 32 features, 64x64, batch 4: the input layer, since run as
     `narrow_input_conv`) faster per layer, forward and backward (Intel Xeon with
-    AMX, 2026-12-07). The kernel gradient is autodiff's.
+    AMX, 2026-12-07; that oneDNN path is off since, for intermittent NaNs). The
+    kernel gradient is autodiff's.
     """
     return _conv(x, kernel)
 
