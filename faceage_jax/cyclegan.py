@@ -63,24 +63,29 @@ def use_winograd(config: ml_collections.ConfigDict) -> bool:
 
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """XLA options for compiling the training step: none at present.
+    """XLA options for compiling the training step: oneDNN's kernels in bfloat16 on a CPU.
 
     XLA:CPU runs a bfloat16 convolution as a float32 one between conversions.
-    `xla_cpu_experimental_onednn_custom_call` hands them to oneDNN's bfloat16
-    kernels instead (AMX or AVX-512 BF16), which made the bfloat16 step 1.3x
-    faster than float32 on an Intel Xeon with AMX (64px, ngf/ndf 32, batch 4:
-    5.9 to 12.3 images/s with `layers.valid_conv`; README, "Benchmarks"). It is
-    off because that step gives intermittent non-finite results: on the same
-    Xeon (2026-12-07) the benchmark's step (fixed batch, learning rate 0 from
-    step 7, so fixed parameters) first gave NaN losses, the cycle losses among
-    them, at step 99 of 150, and in about one in eight 12-step benchmark runs;
-    without the option none in 150 steps. Same parameters and inputs, different
-    results: a fault in that path, not bfloat16's range. Training would stop
-    with `NonFiniteLossError`. It did not recur later that day (loops of 150 and
-    300 steps, 10 benchmark runs; README), so the cause is not found. Returning
-    the option here turns it back on (the launchers pass these options to XLA).
+    `xla_cpu_experimental_onednn_custom_call` hands the convolutions (and one
+    matmul, `layers.ONEDNN_K_BLOCK`) to oneDNN's bfloat16 kernels instead (AMX
+    or AVX-512 BF16), which made the bfloat16 step 1.3x faster than float32 on
+    an Intel Xeon with AMX (64px, ngf/ndf 32, batch 4: 5.9 to 12.3 images/s with
+    `layers.valid_conv`; README, "Benchmarks"). In float32 the option changes
+    nothing, so it is left off there.
+
+    On 2026-12-07 this step gave intermittent non-finite losses from unchanged
+    parameters and inputs (one 12-step benchmark run in about eight; in a loop,
+    NaN from step 99 of 150), and was turned off. The likely cause is a oneDNN
+    bug in the AMX matmul that XLA gives `layers.narrow_conv`'s input gradient,
+    a sum over 147 taps: the bytes beyond a sum whose length is not a multiple
+    of 32 reach the result. That sum is now padded to 160 with zeros; a test
+    holds every oneDNN matmul in the step to such lengths. The fault itself did
+    not recur, with or without the padding (README, "Benchmarks"); a
+    non-finite loss still stops a run at its last checkpoint
+    (`train.NonFiniteLossError`).
     """
-    del config
+    if jax.default_backend() == "cpu" and config.compute_dtype == "bfloat16":
+        return {"xla_cpu_experimental_onednn_custom_call": True}
     return {}
 
 

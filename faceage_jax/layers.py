@@ -202,6 +202,16 @@ downsample_conv3x3.defvjp(_keeping_inputs(downsample_conv3x3), _downsample_conv3
 # `narrow_conv`, up to this many input features as `narrow_input_conv`.
 NARROW_FEATURES = 4
 
+# In bfloat16 on a CPU, XLA hands `narrow_conv`'s input-gradient product (a sum over
+# features * kh * kw = 147 taps for 7x7 to 3 colours) to oneDNN's AMX matmul
+# (`cyclegan.compiler_options`), to its `brg_matmul:avx10_1_512_amx` kernel. The
+# oneDNN in jaxlib 0.12 (v3.12.3) predates the fix of a bug in that kernel
+# (uxlfoundation/oneDNN#5717, July 2026): for a sum longer than 32 whose length is
+# not a multiple of 32 it reads the last 32-wide block whole, and NaN or infinity
+# in the bytes beyond the sum reaches the result. In bfloat16 the taps are padded
+# with zeros to a multiple of this, so that no such block exists.
+ONEDNN_K_BLOCK = 32
+
 
 def _tap_planes(x: jax.Array, kernel_size, out_size) -> jax.Array:
     """`[B, H, W, C] -> [C * kh * kw, B * oh * ow]`: per channel and tap, what each output sees.
@@ -278,12 +288,17 @@ def _narrow_conv_backward(residuals, grad):
     # The input gradient is the padded output gradient convolved with the flipped
     # kernel; rows (f, i, j) of its planes meet the flipped kernel's taps (i, j).
     planes = _tap_planes(_full_padding(grad, kernel), (kernel_height, kernel_width), x.shape[1:3])
+    flipped = jnp.transpose(_flipped(kernel), (2, 0, 1, 3)).reshape(-1, channels)
+    taps = planes.shape[0]
+    if planes.dtype == jnp.bfloat16:
+        # Zero taps up to a multiple of ONEDNN_K_BLOCK: the input gradient's sum runs over them.
+        padding = ((0, -taps % ONEDNN_K_BLOCK), (0, 0))
+        planes, flipped = jnp.pad(planes, padding), jnp.pad(flipped, padding)
     # Operands materialized in the layout XLA:CPU multiplies fastest (see
     # `winograd._tile_products`): barriers keep XLA from folding them back.
     planes = lax.optimization_barrier(planes)
-    flipped = jnp.transpose(_flipped(kernel), (2, 0, 1, 3)).reshape(-1, channels)
     x_grad = (lax.optimization_barrier(flipped.T) @ planes).T.reshape(x.shape)
-    kernel_grad = (planes @ x.reshape(-1, channels)).reshape(
+    kernel_grad = (planes @ x.reshape(-1, channels))[:taps].reshape(
         features, kernel_height, kernel_width, channels
     )
     # Plane tap (i, j) is kernel tap (kh - 1 - i, kw - 1 - j).

@@ -57,9 +57,18 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     tf.config.set_visible_devices([], "TPU")
 
-    from faceage_jax import train
+    from faceage_jax import cyclegan, train
 
-    runtime.enable_compilation_cache(train.absolute_path(FLAGS.workdir) / "compilation_cache")
+    if cyclegan.compiler_options(config):
+        # Writing the step with oneDNN calls to the cache fails (std::bad_alloc, jax 0.12);
+        # off even where JAX_COMPILATION_CACHE_DIR names one.
+        jax.config.update("jax_enable_compilation_cache", False)
+        logging.info(
+            "No persistent compilation cache: the bfloat16 step on a CPU calls oneDNN, "
+            "which XLA fails to save; a restarted run compiles again."
+        )
+    else:
+        runtime.enable_compilation_cache(train.absolute_path(FLAGS.workdir) / "compilation_cache")
     logging.info(
         "Process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )

@@ -58,21 +58,24 @@ def run_schedule(config, workdir, steps_per_epoch: int, resuming: bool) -> cycle
 
 
 def warn_if_bfloat16_on_cpu(config, cpu: runtime.CpuInfo | None = None) -> None:
-    """Warns that `compute_dtype='bfloat16'` makes the step slower on a CPU.
+    """Warns when `compute_dtype='bfloat16'` on this CPU is not known to beat float32.
 
-    XLA:CPU computes bfloat16 convolutions in float32 between conversions, so
-    bfloat16 cannot beat float32 there, with AMX or AVX-512 BF16 or without
-    (oneDNN's bfloat16 kernels are off: `cyclegan.compiler_options`).
+    With AMX, oneDNN's bfloat16 kernels (`cyclegan.compiler_options`) made the
+    step faster than in float32 on an Intel Xeon (README, "Benchmarks");
+    AVX-512 BF16 alone is not measured with them. Without either, bfloat16
+    arithmetic goes through float32 and conversions, and cannot beat float32.
     """
     if config.compute_dtype != "bfloat16" or jax.default_backend() != "cpu":
         return
     cpu = cpu or runtime.cpu_info()
-    logging.warning(
-        "compute_dtype='bfloat16' on a CPU (%s): XLA computes bfloat16 convolutions in "
-        "float32 between conversions there, so the step is slower than in float32 (README, "
-        "'Benchmarks'). Drop --config.compute_dtype to train in float32.",
-        cpu.model,
-    )
+    if "amx_bf16" not in cpu.flags:
+        logging.warning(
+            "compute_dtype='bfloat16' on a CPU without AMX (%s): bfloat16 was measured faster "
+            "than float32 only with AMX; without AVX-512 BF16 either, bfloat16 arithmetic goes "
+            "through float32 and conversions, and the step is slower than in float32 (README, "
+            "'Benchmarks'). Drop --config.compute_dtype to train in float32.",
+            cpu.model,
+        )
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -4,6 +4,7 @@ import functools
 import io
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -16,10 +17,28 @@ from etils import epath
 from PIL import Image
 
 from configs import test as test_config
-from faceage_jax import alignment, cyclegan, export, layers
+from faceage_jax import alignment, cyclegan, export, layers, runtime
 from input_pipeline import synthetic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# XLA:CPU rewrites bfloat16 convolutions and matmuls to oneDNN calls only on x86
+# CPUs with AVX-512 (`cyclegan.compiler_options`).
+ONEDNN_CPU = jax.default_backend() == "cpu" and bool(
+    runtime.cpu_info().flags & {"avx512f", "amx_bf16"}
+)
+
+
+def onednn_matmul_sums(hlo: str) -> list[int]:
+    """The length of the sum of each oneDNN matmul in an optimized HLO module's text."""
+    shapes = dict(re.findall(r"^\s*(?:ROOT )?(%[\w.-]+) = \w+\[([\d,]*)\]", hlo, re.MULTILINE))
+    lengths = []
+    for line in hlo.splitlines():
+        if '"__onednn$matmul"' not in line:
+            continue
+        lhs = re.search(r"custom-call\((%[\w.-]+)", line).group(1)
+        rows, columns = (int(size) for size in shapes[lhs].split(",")[-2:])
+        lengths.append(rows if '"transpose_a":true' in line else columns)
+    return lengths
 
 
 def make_config(**overrides):

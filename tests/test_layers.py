@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faceage_jax import layers
+from faceage_jax import cyclegan, layers
+from tests import helpers
 from tests.helpers import (
     assert_equal_up_to_float32_rounding,
     flax_conv_transpose,
@@ -174,6 +175,22 @@ def test_bfloat16_narrow_convs_are_as_accurate_as_a_bfloat16_conv(shape, feature
         )
         flax_error, error = np.abs(flax_got - want).mean(), np.abs(got - want).mean()
         assert error <= 1.5 * flax_error, (name, error, flax_error)
+
+
+@pytest.mark.skipif(not helpers.ONEDNN_CPU, reason="XLA gives oneDNN work only with AVX-512")
+def test_bfloat16_rgb_output_layer_gives_onednn_whole_blocks_of_32():
+    # In bfloat16 XLA gives the 7x7-to-3 layer's input gradient, a sum over 147 taps,
+    # to oneDNN's AMX matmul, which can bring NaN into a sum that is not a multiple
+    # of 32 long (layers.ONEDNN_K_BLOCK): the taps are padded to 160.
+    layer = layers.Conv(features=3, kernel_size=(7, 7), padding="VALID", dtype=jnp.bfloat16)
+    inputs = jax.random.normal(jax.random.key(1), (1, 70, 70, 16))
+    params = layer.init(jax.random.key(0), inputs)
+    gradients = jax.jit(
+        jax.grad(lambda p, x: layer.apply(p, x).astype(jnp.float32).sum(), argnums=(0, 1))
+    )
+    options = cyclegan.compiler_options(helpers.make_config(compute_dtype="bfloat16"))
+    hlo = gradients.lower(params, inputs).compile(options).as_text()
+    assert helpers.onednn_matmul_sums(hlo) == [160]
 
 
 def test_winograd_conv_refuses_what_it_cannot_compute():

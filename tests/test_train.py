@@ -141,13 +141,19 @@ def test_the_schedule_is_logged_in_steps_and_kept_by_a_resumed_run(tmp_path, sha
     assert rates[5]["learning_rate"] == 0 and rates[6]["learning_rate"] == 0
 
 
-def test_bfloat16_on_a_cpu_is_warned_about(caplog):
+def test_bfloat16_on_a_cpu_without_amx_is_warned_about(caplog):
     caplog.set_level(logging.WARNING)
+    avx2 = runtime.CpuInfo("Old CPU", 2, frozenset({"avx2", "avx512f"}))
     amx = runtime.CpuInfo("New CPU", 2, frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
-    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="float32"), amx)
-    assert not caplog.records
+    zen4 = runtime.CpuInfo("Zen 4", 2, frozenset({"avx512f", "avx512_bf16"}))
+    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="float32"), avx2)
     train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="bfloat16"), amx)
-    assert "New CPU" in caplog.text and "slower than in float32" in caplog.text
+    assert not caplog.records
+    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="bfloat16"), zen4)
+    assert "without AMX (Zen 4)" in caplog.text
+    caplog.clear()
+    train.warn_if_bfloat16_on_cpu(helpers.make_config(compute_dtype="bfloat16"), avx2)
+    assert "without AMX (Old CPU)" in caplog.text and "slower than in float32" in caplog.text
     assert "--config.compute_dtype" in caplog.text
 
 
