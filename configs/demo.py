@@ -13,7 +13,8 @@ reference recipe needs more (README, "The demo's budget"). With ngf/ndf 32 and
 7,200 steps (about an hour) every target of the demo is met: hair 82 % of the
 way to old, skin CIEDE2000 7.0 / 5.9, border 8.2 / 9.8, cycle L1 0.074 / 0.047:
   python -m faceage_jax.main --config configs/demo.py --workdir workdir/demo7200 \
-      --config.ngf=32 --config.ndf=32 --config.num_train_steps=7200
+      --config.ngf=32 --config.ndf=32 --config.num_train_steps=7200 \
+      --config.eval_every_steps=1200
 
 Why each value differs from the default (configs/default.py):
 - synthetic faces (2,000, in UTKFace's file format): UTKFace cannot be bundled.

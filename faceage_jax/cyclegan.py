@@ -70,16 +70,17 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     matmul, `layers.ONEDNN_K_BLOCK`) to oneDNN's bfloat16 kernels instead (AMX
     or AVX-512 BF16), which made the bfloat16 step 1.3x faster than float32 on
     an Intel Xeon with AMX (64px, ngf/ndf 32, batch 4: 5.9 to 12.3 images/s with
-    `layers.valid_conv`; README, "Benchmarks"). In float32 the option changes
-    nothing, so it is left off there.
+    `layers.valid_conv`; README, "Benchmarks"). In float32 it made that step no
+    faster (8.61 / 9.11 against 8.79 / 8.58 images/s), so it is left off there.
 
     On 2026-12-07 this step gave intermittent non-finite losses from unchanged
     parameters and inputs (one 12-step benchmark run in about eight; in a loop,
     NaN from step 99 of 150), and was turned off. The likely cause is a oneDNN
     bug in the AMX matmul that XLA gives `layers.narrow_conv`'s input gradient,
     a sum over 147 taps: the bytes beyond a sum whose length is not a multiple
-    of 32 reach the result. That sum is now padded to 160 with zeros; a test
-    holds every oneDNN matmul in the step to such lengths. The fault itself did
+    of 32 reach the result. That sum is now padded to 160 with zeros; tests
+    hold the oneDNN matmuls of the custom-gradient layers at the benchmark's
+    sizes, and of the test config's step, to such lengths. The fault itself did
     not recur, with or without the padding (README, "Benchmarks"); a
     non-finite loss still stops a run at its last checkpoint
     (`train.NonFiniteLossError`).

@@ -160,8 +160,7 @@ def valid_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     features, 16x16, batch 4), 1.7x (3x3, 256 features, 32x32, batch 1) and
     2.6x (7x7, 3 to 32 features, 64x64, batch 4: the input layer, since run as
     `narrow_input_conv`) faster per layer, forward and backward (Intel Xeon with
-    AMX, 2026-12-07; that oneDNN path is off since, for intermittent NaNs). The
-    kernel gradient is autodiff's.
+    AMX, 2026-12-07). The kernel gradient is autodiff's.
     """
     return _conv(x, kernel)
 
@@ -290,7 +289,7 @@ def _narrow_conv_backward(residuals, grad):
     planes = _tap_planes(_full_padding(grad, kernel), (kernel_height, kernel_width), x.shape[1:3])
     flipped = jnp.transpose(_flipped(kernel), (2, 0, 1, 3)).reshape(-1, channels)
     taps = planes.shape[0]
-    if planes.dtype == jnp.bfloat16:
+    if planes.dtype == jnp.bfloat16 and taps > ONEDNN_K_BLOCK:
         # Zero taps up to a multiple of ONEDNN_K_BLOCK: the input gradient's sum runs over them.
         padding = ((0, -taps % ONEDNN_K_BLOCK), (0, 0))
         planes, flipped = jnp.pad(planes, padding), jnp.pad(flipped, padding)
